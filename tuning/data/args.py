@@ -1,0 +1,106 @@
+"""The data options, defined once: finetune.py and `python -m tuning.data` both use them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuning.data.encode import OVERLONG_POLICIES, Encoder
+from tuning.data.grounding import CONVENTIONS
+from tuning.data.images import ImageLimits
+
+LIST_FLAGS = ("--data_path", "--eval_data_path")
+
+
+@dataclass
+class DataArguments:
+    data_path: list[str] = field(
+        default_factory=lambda: ["data/example.json"],
+        metadata={
+            "help": "Training data: JSON or JSONL files (Qwen-VL, ChatML, OpenAI messages or {'text'}), "
+            "parquet, or a saved datasets folder. Several may be given, and formats may be mixed."
+        },
+    )
+    eval_data_path: list[str] | None = field(
+        default=None, metadata={"help": "Evaluation data, in the same formats. Eval loss runs at --eval_steps."}
+    )
+    lazy_preprocess: bool = field(
+        default=False,
+        metadata={"help": "Encode samples on access instead of keeping them all in memory (still validated first)."},
+    )
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Longest sample in tokens, image tokens included; see --overlong."}
+    )
+    overlong: str = field(
+        default="turns",
+        metadata={
+            "help": "What to do with a sample over --model_max_length: 'turns' keeps the whole turns that fit "
+            "(never cutting an image), 'drop' drops it, 'error' refuses to start. Each is reported by id.",
+            "choices": list(OVERLONG_POLICIES),
+        },
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Where relative image paths are looked up after the data file's folder."}
+    )
+    grounding_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How <ref>/<box> are written for the model: auto (its own convention), qwen-vl (tags as new "
+            "tokens), qwen2-vl (native tokens, [0,1000)), qwen2.5-vl (native tokens, pixel coordinates).",
+            "choices": ["auto", *CONVENTIONS],
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Drop bad samples (listed in the data report) instead of refusing to start."},
+    )
+    image_timeout: float = field(default=20.0, metadata={"help": "Seconds to wait for an image URL to answer."})
+    max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "Largest image file or download."})
+
+    def __post_init__(self):
+        # Accept "a.json,b.json" as well as "a.json b.json".
+        self.data_path = [p for item in self.data_path for p in item.split(",") if p]
+        if self.eval_data_path:
+            self.eval_data_path = [p for item in self.eval_data_path for p in item.split(",") if p]
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.model_max_length < 16:
+            found.append(f"--model_max_length {self.model_max_length} is too small to hold a conversation")
+        if not self.data_path:
+            found.append("--data_path is empty: give at least one data file")
+        return found
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(read_timeout=self.image_timeout, max_bytes=self.max_image_bytes)
+
+    def encoder(self, tokenizer, processor, model_type: str) -> Encoder:
+        return Encoder(
+            tokenizer,
+            processor,
+            model_type=model_type,
+            max_length=self.model_max_length,
+            grounding_format=self.grounding_format,
+            overlong=self.overlong,
+            image_folder=self.image_folder,
+            image_limits=self.image_limits(),
+        )
+
+
+def merge_repeated_flags(argv: list[str], flags=LIST_FLAGS) -> list[str]:
+    """`--data_path a --data_path b` means both files (argparse alone would keep only the last)."""
+    merged: dict[str, list[str]] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags:
+            values = merged.setdefault(argv[i], [])
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    for flag, values in merged.items():
+        rest += [flag, *values]
+    return rest

@@ -1,0 +1,184 @@
+"""Eager and lazy datasets of encoded samples, and the report of what happened to every sample."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from tuning.data import grounding
+from tuning.data.encode import DroppedSample, Encoder, Sample
+from tuning.data.errors import DataError, DataErrors
+from tuning.data.formats import Conversation, iter_conversations
+
+
+@dataclass
+class DataReport:
+    """What the pipeline did with every sample: read, used, truncated, dropped, skipped as bad."""
+
+    files: list[str]
+    read: int = 0
+    usable: int = 0
+    truncated: list[str] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)  # {"id", "reason"}
+    bad: list[str] = field(default_factory=list)  # messages of samples skipped by --skip_bad_samples
+    tokens: int = 0
+    supervised_tokens: int = 0
+    images: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
+    added_tokens: list[str] = field(default_factory=list)
+
+    def add(self, sample: Sample) -> None:
+        self.usable += 1
+        self.tokens += len(sample.input_ids)
+        self.supervised_tokens += sample.num_supervised
+        self.images += sample.num_images
+        self.lengths.append(len(sample.input_ids))
+        if sample.truncated:
+            self.truncated.append(sample.id)
+
+    def percentiles(self) -> dict[str, int]:
+        if not self.lengths:
+            return {}
+        ordered = sorted(self.lengths)
+        pick = {p: ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in (50, 90, 99)}
+        return {"min": ordered[0], "p50": pick[50], "p90": pick[90], "p99": pick[99], "max": ordered[-1]}
+
+    def summary(self) -> str:
+        lines = [
+            f"data: {', '.join(self.files)}",
+            f"  samples read {self.read}, usable {self.usable}, truncated {len(self.truncated)}, "
+            f"dropped {len(self.dropped)}, bad {len(self.bad)}",
+            f"  tokens {self.tokens} (supervised {self.supervised_tokens}), images {self.images}",
+        ]
+        if self.lengths:
+            lines.append("  length " + ", ".join(f"{k} {v}" for k, v in self.percentiles().items()))
+        lines += [f"  truncated: {sample_id}" for sample_id in self.truncated]
+        lines += [f"  dropped: {d['id']}: {d['reason']}" for d in self.dropped]
+        lines += [f"  bad (skipped): {message}" for message in self.bad]
+        if self.added_tokens:
+            lines.append(f"  added tokens for grounding: {' '.join(self.added_tokens)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("lengths")
+        data["length_percentiles"] = self.percentiles()
+        return data
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def sample_to_features(sample: Sample) -> dict:
+    features = {"input_ids": sample.input_ids, "labels": sample.labels}
+    if sample.pixel_values is not None:
+        features["pixel_values"] = sample.pixel_values
+        features["image_grid_thw"] = sample.image_grid_thw
+        features["mm_token_type_ids"] = sample.mm_token_type_ids
+    return features
+
+
+class EagerDataset(Dataset):
+    """Every sample encoded up front: fastest to train from, memory grows with the data."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return sample_to_features(self.samples[index])
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s.input_ids) for s in self.samples]
+
+
+class LazyDataset(Dataset):
+    """Samples encoded on access and not kept; validated in full before training all the same."""
+
+    def __init__(self, conversations: list[Conversation], encoder: Encoder, lengths: list[int]):
+        self.conversations = conversations
+        self.encoder = encoder
+        self._lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> dict:
+        conv = self.conversations[index]
+        try:
+            return sample_to_features(self.encoder.encode(conv))
+        except (DataError, DroppedSample) as e:
+            # It passed validation before training, so its file or image changed since: stop loudly.
+            raise RuntimeError(
+                f"sample {conv.id} ({conv.origin}) failed on access after passing validation: {e}"
+            ) from e
+
+    @property
+    def lengths(self) -> list[int]:
+        return self._lengths
+
+
+def parse_all(paths: Iterable[str], report: DataReport) -> tuple[list[Conversation], list[DataError]]:
+    conversations, errors = [], []
+    for item in iter_conversations(paths):
+        report.read += 1
+        (errors if isinstance(item, DataError) else conversations).append(item)
+    return conversations, errors
+
+
+def add_grounding_tokens(conversations: list[Conversation], encoder: Encoder) -> list[str]:
+    """Qwen-VL tags become special tokens when the model has no grounding tokens of its own."""
+    if encoder.convention != "qwen-vl":
+        return []
+    texts = (part for c in conversations for m in c.messages for part in m.parts if isinstance(part, str))
+    if not any(grounding.has_grounding(t) for t in texts):
+        return []
+    vocab = encoder.tokenizer.get_vocab()
+    missing = [tag for tag in grounding.QWEN_VL_TAGS if tag not in vocab]
+    if missing:
+        encoder.tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return missing
+
+
+def build_dataset(
+    paths: list[str],
+    encoder: Encoder,
+    *,
+    lazy: bool = False,
+    skip_bad_samples: bool = False,
+    show_progress: bool = True,
+) -> tuple[Dataset, DataReport]:
+    """Read, validate and encode every sample. Raises DataErrors listing every bad sample, unless skipping."""
+    report = DataReport(files=[str(p) for p in paths])
+    conversations, errors = parse_all(paths, report)
+    report.added_tokens = add_grounding_tokens(conversations, encoder)
+    kept, samples = [], []
+    progress = tqdm(conversations, desc="encoding", disable=not show_progress, leave=False)
+    for conv in progress:
+        try:
+            sample = encoder.encode(conv)
+        except DataError as e:
+            errors.append(e)
+            continue
+        except DroppedSample as e:
+            report.dropped.append({"id": e.sample_id, "reason": e.reason})
+            continue
+        report.add(sample)
+        kept.append(conv)
+        if not lazy:
+            samples.append(sample)
+    if errors and not skip_bad_samples:
+        raise DataErrors(errors)
+    report.bad = [str(e) for e in errors]
+    if not kept:
+        raise DataErrors(errors or [DataError(", ".join(report.files), "all samples", "no usable sample", "")])
+    dataset = LazyDataset(kept, encoder, report.lengths[:]) if lazy else EagerDataset(samples)
+    return dataset, report
