@@ -1,20 +1,231 @@
-"""Load models with their tokenizer or processor; the family is read from the config, never the name."""
+"""Load a model with its tokenizer or processor, quantize it, choose what trains, attach LoRA.
+
+The family (text or vision-language) is read from the model's config, never from its path or name.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+logger = logging.getLogger(__name__)
+
+VISION_TOWERS = ("visual", "vision_tower", "vision_model")
+PROJECTORS = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector")
+OUTPUT_HEADS = ("lm_head",)
+QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt", "QuantLinear")
 
 
 def is_vision_language(config) -> bool:
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
-def load_processing(model_name_or_path: str, trust_remote_code: bool = False):
-    """(tokenizer, processor or None, model_type) for a model folder or hub name."""
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+def load_processing(model_name_or_path: str, trust_remote_code: bool = False, config_from: str | None = None):
+    """(tokenizer, processor or None, model_type) for a model folder or hub name.
+
+    `config_from` names the model whose config decides the family, for folders that hold only the
+    tokenizer/processor (an adapter folder)."""
+    config = AutoConfig.from_pretrained(config_from or model_name_or_path, trust_remote_code=trust_remote_code)
     if is_vision_language(config):
         processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
         return processor.tokenizer, processor, config.model_type
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     return tokenizer, None, config.model_type
+
+
+def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+@dataclass
+class LoadOptions:
+    model_name_or_path: str
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+    dtype: torch.dtype = torch.float32
+    q_lora: bool = False
+    zero3: bool = False
+    device_map: dict | str | None = None
+
+
+def quantization_config(options: LoadOptions, config):
+    from transformers import BitsAndBytesConfig, GPTQConfig
+
+    existing = getattr(config, "quantization_config", None)
+    method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+    if method == "gptq":
+        # The default CPU kernel is inference-only; "auto_trainable" picks a kernel with a backward pass.
+        backend = "auto" if torch.cuda.is_available() else "auto_trainable"
+        return GPTQConfig(bits=existing.get("bits", 4) if isinstance(existing, dict) else 4, backend=backend)
+    if not options.q_lora:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=options.dtype,
+        # ZeRO-3 shards parameters by dtype; a float storage type lets it shard the packed 4-bit weights.
+        bnb_4bit_quant_storage=torch.float32 if options.zero3 else torch.uint8,
+    )
+
+
+def load_model(options: LoadOptions):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
+    model_class = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    kwargs = {
+        "dtype": options.dtype,
+        "trust_remote_code": options.trust_remote_code,
+        "quantization_config": quantization_config(options, config),
+        "use_safetensors": True,  # never unpickle weights
+    }
+    if options.attn_implementation:
+        kwargs["attn_implementation"] = options.attn_implementation
+    if options.device_map is not None and not options.zero3:
+        kwargs["device_map"] = options.device_map
+    model = model_class.from_pretrained(options.model_name_or_path, **kwargs)
+    model.config.use_cache = False  # a cache defeats packed-sequence masks and wastes memory in training
+    return model
+
+
+def submodule_names(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Qualified names of the outermost modules whose own name is one of `names`."""
+    found = []
+    for qualified, _ in model.named_modules():
+        leaf = qualified.rsplit(".", 1)[-1]
+        if leaf in names and not any(qualified.startswith(f + ".") for f in found):
+            found.append(qualified)
+    return found
+
+
+def vision_parts(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(vision tower prefixes, projector prefixes). The projector sits inside the tower in Qwen-VL models."""
+    towers = submodule_names(model, VISION_TOWERS)
+    projectors = submodule_names(model, PROJECTORS)
+    return towers, projectors
+
+
+def set_trainable(model: nn.Module, fix_vit: bool, tune_projector: bool) -> None:
+    """Full fine-tuning: the language model trains; the vision tower unless fixed; the projector by flag."""
+    towers, projectors = vision_parts(model)
+    for name, param in model.named_parameters():
+        in_projector = any(name.startswith(p + ".") for p in projectors)
+        in_tower = any(name.startswith(t + ".") for t in towers)
+        if in_projector:
+            param.requires_grad = tune_projector
+        elif in_tower:
+            param.requires_grad = not fix_vit
+        else:
+            param.requires_grad = True
+
+
+def lora_target_regex(model: nn.Module, targets: list[str] | None, include_vision: bool) -> str:
+    """A PEFT target regex: the named (or all) linear layers of the language model, not the output head,
+    and not the vision tower unless asked."""
+    towers, projectors = vision_parts(model)
+    excluded = [*projectors, *OUTPUT_HEADS] + ([] if include_vision else towers)
+    linear_leaves = set()
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in QUANTIZED_LINEARS
+        if is_linear and not any(name == e or name.startswith(e + ".") for e in excluded):
+            linear_leaves.add(name.rsplit(".", 1)[-1])
+    wanted = sorted(linear_leaves) if not targets or targets == ["all-linear"] else targets
+    missing = [t for t in wanted if t not in linear_leaves]
+    if missing:
+        raise ValueError(
+            f"--lora_target_modules {' '.join(missing)} not found among the model's linear layers "
+            f"({', '.join(sorted(linear_leaves))})"
+        )
+    skip = "|".join(re.escape(e) for e in excluded)
+    leaves = "|".join(re.escape(t) for t in wanted)
+    return rf"^(?!(?:{skip})(?:\.|$)).*\.(?:{leaves})$" if skip else rf".*\.(?:{leaves})$"
+
+
+def untrained_token_ids(model: nn.Module, tokenizer, candidates: list[str], added: list[str]) -> list[int]:
+    """Token rows that need training: tokens added for this run, and special tokens whose embedding row
+    is far smaller than a typical row (never trained: e.g. ChatML tokens in a base model)."""
+    embeddings = model.get_input_embeddings().weight
+    if embeddings.numel() == 0:  # sharded away under ZeRO-3: only the added tokens are known to be new
+        return sorted(tokenizer.convert_tokens_to_ids(added))
+    norms = embeddings.detach().float().norm(dim=-1)
+    typical = norms.median()
+    ids = set(tokenizer.convert_tokens_to_ids(added))
+    for token in candidates:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id < len(norms) and norms[token_id] < 0.1 * typical:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    tokens = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "token_adapter" in n)
+    return {"total": total, "trainable": trainable, "lora": lora, "token_rows": tokens}
+
+
+def resize_for_tokenizer(model: nn.Module, tokenizer) -> bool:
+    """Grow the embedding (and tied head) when the data added tokens; new rows start at the mean row."""
+    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+    return True
+
+
+def embedding_module_name(model: nn.Module) -> str:
+    embeddings = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embeddings).rsplit(".", 1)[-1]
+
+
+@dataclass
+class LoraOptions:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    bias: str = "none"
+    target_modules: list[str] | None = None
+    weight_path: str | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    include_vision: bool = False
+    tune_projector: bool = True
+
+
+def attach_lora(model: nn.Module, options: LoraOptions, token_ids: list[int], quantized: bool, checkpointing: bool):
+    """Wrap the model with LoRA; the projector (if tuned) as a full copy, new token rows as trainable rows."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph at checkpoints
+    if options.weight_path:
+        logger.info("starting from the adapter in %s", options.weight_path)
+        return PeftModel.from_pretrained(model, options.weight_path, is_trainable=True)
+    _, projectors = vision_parts(model)
+    modules_to_save = [p.rsplit(".", 1)[-1] for p in projectors] if options.tune_projector and projectors else None
+    config = LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        bias=options.bias,
+        target_modules=lora_target_regex(model, options.target_modules, options.include_vision),
+        modules_to_save=modules_to_save,
+        trainable_token_indices={embedding_module_name(model): token_ids} if token_ids else None,
+        use_dora=options.use_dora,
+        use_rslora=options.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,228 @@
+"""Fine-tune a Qwen-family (or other Hugging Face) chat or vision-language model: full, LoRA or Q-LoRA.
+
+    python finetune.py --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct --data_path my.json \
+        --output_dir output/my-run --use_lora True --bf16 True
+    python finetune.py run.yaml           # the same arguments from a YAML or JSON file
+
+With no --model_name_or_path, the tiny offline demo model (models/tiny-qwen2.5-vl) is built and used.
+The flags of the official Qwen scripts keep their names; every transformers.TrainingArguments flag works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import HfArgumentParser, Trainer
+
+from tuning.data.args import DataArguments, merge_repeated_flags
+from tuning.data.collate import PaddingCollator
+from tuning.data.dataset import build_dataset
+from tuning.model import (
+    LoadOptions,
+    LoraOptions,
+    attach_lora,
+    compute_dtype,
+    count_parameters,
+    load_model,
+    load_processing,
+    resize_for_tokenizer,
+    set_trainable,
+    untrained_token_ids,
+)
+from tuning.train import (
+    LossPlotCallback,
+    ThroughputCallback,
+    resolve_resume,
+    save_final,
+    save_run_args,
+)
+
+logger = logging.getLogger("finetune")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A local folder or hub name. Default: the tiny offline demo model (built if missing)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own Python code to run."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (if flash-attn is installed)."}
+    )
+    fix_vit: bool = field(
+        default=True, metadata={"help": "Freeze the vision tower (also under LoRA: it gets no adapters)."}
+    )
+    tune_projector: bool = field(
+        default=True, metadata={"help": "Train the vision-language projector (Qwen's merger) in full."}
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    output_dir: str = field(default="output/run", metadata={"help": "Where checkpoints and the result go."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an --output_dir that already holds checkpoints."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'auto' for the newest in --output_dir."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: samples carry images."})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "Count real tokens, for the tokens/s log."}
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Linear layer names to adapt (e.g. q_proj v_proj). Default: every linear layer of "
+            "the language model."
+        },
+    )
+    lora_weight_path: str | None = field(default=None, metadata={"help": "Start from this existing adapter."})
+    lora_bias: str = field(
+        default="none", metadata={"help": "none, all or lora_only.", "choices": ["none", "all", "lora_only"]}
+    )
+    q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: load the base in 4-bit nf4 (needs --use_lora)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale by alpha / sqrt(r)."})
+    lora_vision: bool = field(default=False, metadata={"help": "Also put LoRA on the vision tower."})
+
+
+def argument_problems(model_args, data_args, training_args, lora_args) -> list[str]:
+    """Every impossible combination, so the user fixes them all in one go."""
+    problems = data_args.problems()
+    if lora_args.q_lora and not training_args.use_lora:
+        problems.append("--q_lora True needs --use_lora True")
+    if training_args.bf16 and training_args.fp16:
+        problems.append("--bf16 and --fp16 are both set: choose one")
+    if lora_args.lora_weight_path and not training_args.use_lora:
+        problems.append("--lora_weight_path needs --use_lora True")
+    if lora_args.lora_vision and model_args.fix_vit and not training_args.use_lora:
+        problems.append("--lora_vision True has no effect without --use_lora True")
+    if lora_args.lora_r <= 0:
+        problems.append(f"--lora_r must be positive, got {lora_args.lora_r}")
+    return problems
+
+
+def parse_arguments(argv: list[str]):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(merge_repeated_flags(argv))
+
+
+def is_zero3(training_args) -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
+
+
+def train(argv: list[str] | None = None) -> None:
+    model_args, data_args, training_args, lora_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    if problems := argument_problems(model_args, data_args, training_args, lora_args):
+        raise SystemExit("finetune.py: bad arguments:\n" + "\n".join(f"  - {p}" for p in problems))
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    if model_args.model_name_or_path is None:
+        from tuning.tiny import ensure_tiny
+
+        model_args.model_name_or_path = str(ensure_tiny("vl"))
+    resume = resolve_resume(
+        training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir
+    )
+    zero3 = is_zero3(training_args)
+    if zero3 and not transformers.utils.is_torch_cuda_available():
+        import deepspeed  # ZeRO-3 on the CPU checks its batch size in from_pretrained: the group must exist
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+    # Data first: it may add tokens (Qwen-VL grounding tags) that the model must then make room for.
+    tokenizer, processor, model_type = load_processing(model_args.model_name_or_path, model_args.trust_remote_code)
+    encoder = data_args.encoder(tokenizer, processor, model_type)
+    train_set, report = build_dataset(
+        data_args.data_path, encoder, lazy=data_args.lazy_preprocess, skip_bad_samples=data_args.skip_bad_samples
+    )
+    logger.info(report.summary())
+    eval_set = None
+    if data_args.eval_data_path:
+        eval_set, eval_report = build_dataset(data_args.eval_data_path, encoder, lazy=data_args.lazy_preprocess)
+        logger.info(eval_report.summary())
+
+    dtype = compute_dtype(training_args.bf16, training_args.fp16)
+    device_map = {"": training_args.local_process_index} if lora_args.q_lora and training_args.n_gpu else None
+    model = load_model(
+        LoadOptions(
+            model_args.model_name_or_path,
+            model_args.trust_remote_code,
+            model_args.attn_implementation,
+            dtype,
+            lora_args.q_lora,
+            zero3,
+            device_map,
+        )
+    )
+    resize_for_tokenizer(model, tokenizer)
+    if training_args.use_lora:
+        candidates = [t for t in ("<|im_start|>", "<|im_end|>") if t in tokenizer.get_vocab()]
+        token_ids = untrained_token_ids(model, tokenizer, candidates, report.added_tokens)
+        if token_ids:
+            logger.info("training the embedding rows of tokens %s", tokenizer.convert_ids_to_tokens(token_ids))
+        model = attach_lora(
+            model,
+            LoraOptions(
+                lora_args.lora_r,
+                lora_args.lora_alpha,
+                lora_args.lora_dropout,
+                lora_args.lora_bias,
+                lora_args.lora_target_modules,
+                lora_args.lora_weight_path,
+                lora_args.use_dora,
+                lora_args.use_rslora,
+                lora_args.lora_vision,
+                model_args.tune_projector,
+            ),
+            token_ids,
+            quantized=lora_args.q_lora or getattr(model, "is_quantized", False),
+            checkpointing=training_args.gradient_checkpointing,
+        )
+    else:
+        set_trainable(model, model_args.fix_vit, model_args.tune_projector)
+    logger.info("parameters: %s", count_parameters(model))
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    if training_args.process_index == 0:
+        save_run_args(
+            training_args.output_dir, model=model_args, data=data_args, training=training_args, lora=lora_args
+        )
+        report.save(os.path.join(training_args.output_dir, "data_report.json"))
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        callbacks=[ThroughputCallback(training_args.world_size), LossPlotCallback()],
+    )
+    model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, processor or tokenizer, training_args.output_dir)
+    logger.info("saved to %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    train()

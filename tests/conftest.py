@@ -1,0 +1,51 @@
+"""Session fixtures: the tiny offline models (built once, reused from models/ when current)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+PYTHON = sys.executable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_text() -> Path:
+    from tuning.tiny import ensure_tiny
+
+    return ensure_tiny("text")
+
+
+@pytest.fixture(scope="session")
+def tiny_vl() -> Path:
+    from tuning.tiny import ensure_tiny
+
+    return ensure_tiny("vl")
+
+
+@pytest.fixture(scope="session")
+def text_processing(tiny_text):
+    from tuning.model import load_processing
+
+    return load_processing(str(tiny_text))
+
+
+@pytest.fixture(scope="session")
+def vl_processing(tiny_vl):
+    from tuning.model import load_processing
+
+    return load_processing(str(tiny_vl))
+
+
+def run_env() -> dict:
+    """Environment for subprocesses: offline, quiet, the repo importable."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    return env

@@ -1,0 +1,220 @@
+"""Talk to a model, with or without an adapter, in the terminal.
+
+    python -m tuning.chat output/merged --prompt "你好"
+    python -m tuning.chat models/tiny-qwen2.5-vl --adapter output/finetune_lora_ds --image data/images/dog.png
+
+Interactive commands: /image PATH attaches a picture to the next message, /reset forgets the
+conversation, /exit leaves. Generation here is the one the web demo and training callbacks use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tuning.data import grounding
+from tuning.model import LoadOptions, is_vision_language, load_model, load_processing
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+
+    def kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+
+def load_for_chat(model_path: str, adapter: str | None = None, bits: int | None = None, cpu_only: bool = False):
+    """(model, tokenizer, processor or None): the base, optionally quantized, with the adapter on top."""
+    processing_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+    tokenizer, processor, _ = load_processing(processing_source, config_from=model_path)
+    options = LoadOptions(model_path, q_lora=bits == 4)
+    if bits == 8:
+        raise SystemExit("--bits 8 is not supported yet; use --bits 4")
+    model = load_model(options)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if torch.cuda.is_available() and not cpu_only and bits is None:
+        model = model.to("cuda")
+    model.config.use_cache = True
+    return model.eval(), tokenizer, processor
+
+
+@dataclass
+class Chat:
+    """A multi-turn conversation with a model; images attach to the user turn they are sent with."""
+
+    model: object
+    tokenizer: object
+    processor: object | None = None
+    system: str | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    messages: list[dict] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def _inputs(self, messages: list[dict]) -> dict:
+        full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        has_images = any(isinstance(m["content"], list) for m in full)
+        if has_images:
+            if self.processor is None:
+                raise ValueError("this model is text-only: it cannot take images")
+            full = [
+                m if isinstance(m["content"], list) else {**m, "content": [{"type": "text", "text": m["content"]}]}
+                for m in full
+            ]
+            owner = self.processor
+        else:
+            owner = self.tokenizer
+        inputs = owner.apply_chat_template(
+            full, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        return {k: v.to(self.model.device) for k, v in inputs.items()}
+
+    def user_message(self, text: str, images: list[Image.Image] | None = None) -> dict:
+        if not images:
+            return {"role": "user", "content": text}
+        return {
+            "role": "user",
+            "content": [*({"type": "image", "image": img} for img in images), {"type": "text", "text": text}],
+        }
+
+    def stream(self, text: str, images: list[Image.Image] | None = None) -> Iterator[str]:
+        """Yield the answer as it grows; the exchange joins the history when it is complete."""
+        from transformers import TextIteratorStreamer
+
+        message = self.user_message(text, images)
+        inputs = self._inputs([*self.messages, message])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
+        stop = [t for t in (self.tokenizer.eos_token, "<|endoftext|>") if t in self.tokenizer.get_vocab()]
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                with torch.no_grad():
+                    self.model.generate(
+                        **inputs, streamer=streamer, **self.settings.kwargs(), pad_token_id=self.tokenizer.pad_token_id
+                    )
+            except BaseException as e:  # re-raised in the caller's thread below
+                failure.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        answer = ""
+        for piece in streamer:
+            answer += piece
+            visible = answer
+            for token in stop:
+                visible = visible.split(token)[0]
+            yield visible
+        thread.join()
+        if failure:
+            raise failure[0]
+        for token in stop:
+            answer = answer.split(token)[0]
+        self.messages += [message, {"role": "assistant", "content": answer}]
+
+    def ask(self, text: str, images: list[Image.Image] | None = None) -> str:
+        *_, answer = self.stream(text, images)
+        return answer
+
+
+def readable(answer: str) -> str:
+    """An answer with grounding shown as 'label [x1,y1,x2,y2]' instead of raw tags."""
+    boxes = grounding.find_boxes(answer, "qwen-vl")
+    text = grounding.strip_tags(answer)
+    if boxes:
+        text += "\n" + "\n".join(f"  box: {b.label or '?'} [{b.x1:g},{b.y1:g},{b.x2:g},{b.y2:g}]" for b in boxes)
+    return text
+
+
+def interactive(chat: Chat, pending_images: list[Image.Image]) -> None:
+    print("Type a message. /image PATH attaches a picture, /reset starts over, /exit leaves.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            pending_images.clear()
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            try:
+                pending_images.append(Image.open(path).convert("RGB"))
+                print(f"(attached {path})")
+            except OSError as e:
+                print(f"(cannot open {path}: {e})")
+            continue
+        print("assistant> ", end="", flush=True)
+        shown = ""
+        for shown_now in chat.stream(line, pending_images or None):
+            print(shown_now[len(shown) :], end="", flush=True)
+            shown = shown_now
+        print()
+        if grounding.find_boxes(shown, "qwen-vl"):
+            print(readable(shown))
+        pending_images.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model folder or hub name (a merged model, or the base of --adapter)")
+    parser.add_argument("--adapter", help="LoRA adapter folder to apply on top of the model")
+    parser.add_argument("--image", action="append", default=[], help="picture for the first message (repeatable)")
+    parser.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized")
+    parser.add_argument("--system", help="system prompt (default: the template's own)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--cpu-only", action="store_true", help="stay on the CPU even if a GPU is there")
+    args = parser.parse_args(argv)
+
+    for path in args.image:
+        if not Path(path).is_file():
+            parser.error(f"--image {path}: no such file")
+    model, tokenizer, processor = load_for_chat(args.model, args.adapter, args.bits, args.cpu_only)
+    if args.image and not is_vision_language(model.config):
+        parser.error("--image needs a vision-language model")
+    chat = Chat(
+        model, tokenizer, processor, args.system, GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    )
+    images = [Image.open(p).convert("RGB") for p in args.image]
+    if args.prompt is not None:
+        print(readable(chat.ask(args.prompt, images or None)))
+        return 0
+    interactive(chat, images)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

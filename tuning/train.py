@@ -1,0 +1,106 @@
+"""What train() composes: output-folder rules, callbacks, the final save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_resume(output_dir: str, resume: str | None, overwrite: bool) -> str | None:
+    """The checkpoint to resume from. A folder with checkpoints is never resumed or overwritten silently."""
+    existing = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if resume == "auto":
+        if existing is None:
+            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting fresh", output_dir)
+        return existing
+    if resume:
+        if not Path(resume).is_dir():
+            raise SystemExit(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+        return resume
+    if existing and not overwrite:
+        raise SystemExit(
+            f"{output_dir} already holds checkpoints (latest: {Path(existing).name}). Pass "
+            "--resume_from_checkpoint auto to continue that run, --overwrite_output_dir True to start over "
+            "in the same folder, or choose another --output_dir."
+        )
+    return None
+
+
+class ThroughputCallback(TrainerCallback):
+    """Logs real (non-padding) tokens per second per device beside the loss."""
+
+    def __init__(self, world_size: int):
+        self.world_size = max(world_size, 1)
+        self.last_time: float | None = None
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self.last_time is None:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen - self.last_tokens
+        if now > self.last_time and tokens > 0:
+            logs["tokens_per_second_per_device"] = round(tokens / (now - self.last_time) / self.world_size, 1)
+        self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+
+
+def plot_losses(log_history: list[dict], path: Path) -> Path | None:
+    """Train and eval loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for points, label in ((train, "train"), (evals, "eval")):
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class LossPlotCallback(TrainerCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_losses(state.log_history, Path(args.output_dir) / "loss.png")
+
+
+def save_run_args(output_dir: str, **groups) -> None:
+    """The arguments of the run, one group per dataclass, as run_args.json."""
+
+    def plain(obj):
+        data = obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj) if is_dataclass(obj) else dict(obj)
+        return {k: v for k, v in data.items() if not k.startswith("_") and "token" not in k}
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    payload = {name: plain(group) for name, group in groups.items()}
+    (Path(output_dir) / "run_args.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def save_final(trainer, processing, output_dir: str) -> None:
+    """The model or adapter through the Trainer's public API, and the tokenizer/processor beside it."""
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        processing.save_pretrained(output_dir)
