@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import SimpleNamespace
 
 import transformers
 from transformers import HfArgumentParser, Trainer
@@ -103,7 +105,7 @@ class LoraArguments:
 
 def argument_problems(model_args, data_args, training_args, lora_args) -> list[str]:
     """Every impossible combination, so the user fixes them all in one go."""
-    problems = data_args.problems()
+    problems = data_args.problems() if isinstance(data_args, DataArguments) else []
     if lora_args.q_lora and not training_args.use_lora:
         problems.append("--q_lora True needs --use_lora True")
     if training_args.bf16 and training_args.fp16:
@@ -118,12 +120,36 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
 
 
 def parse_arguments(argv: list[str]):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(merge_repeated_flags(argv))
+    """The four argument groups. Every problem is collected, the Trainer's own checks included, and
+    reported at once before anything is loaded."""
+    groups = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
+    parser = HfArgumentParser(groups)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        import yaml
+
+        values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML too
+    else:
+        namespace, unknown = parser.parse_known_args(merge_repeated_flags(argv))
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        values = vars(namespace)
+    built, problems = [], []
+    for group in groups:
+        names = {f.name for f in fields(group) if f.init}
+        inputs = {k: v for k, v in values.items() if k in names}
+        try:
+            built.append(group(**inputs))
+        except (ValueError, TypeError) as e:
+            problems.append(str(e).splitlines()[0])
+            defaults = {f.name: f.default for f in fields(group) if f.init}
+            built.append(SimpleNamespace(**{**defaults, **inputs}))
+    unused = set(values) - {f.name for group in groups for f in fields(group)}
+    if unused:
+        problems.append(f"unknown arguments in {argv[0]}: {', '.join(sorted(unused))}")
+    problems += argument_problems(*built)
+    if problems:
+        raise SystemExit("finetune.py: bad arguments:\n" + "\n".join(f"  - {p}" for p in problems))
+    return built
 
 
 def is_zero3(training_args) -> bool:
@@ -132,10 +158,8 @@ def is_zero3(training_args) -> bool:
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
-def train(argv: list[str] | None = None) -> None:
+def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
     model_args, data_args, training_args, lora_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    if problems := argument_problems(model_args, data_args, training_args, lora_args):
-        raise SystemExit("finetune.py: bad arguments:\n" + "\n".join(f"  - {p}" for p in problems))
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     if model_args.model_name_or_path is None:
         from tuning.tiny import ensure_tiny
@@ -216,12 +240,13 @@ def train(argv: list[str] | None = None) -> None:
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=PaddingCollator(pad_token_id=tokenizer.pad_token_id),
-        callbacks=[ThroughputCallback(training_args.world_size), LossPlotCallback()],
+        callbacks=[ThroughputCallback(training_args.world_size), LossPlotCallback(), *callbacks],
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, processor or tokenizer, training_args.output_dir)
     logger.info("saved to %s", training_args.output_dir)
+    return trainer
 
 
 if __name__ == "__main__":

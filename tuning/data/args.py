@@ -53,6 +53,7 @@ class DataArguments:
         default=False,
         metadata={"help": "Drop bad samples (listed in the data report) instead of refusing to start."},
     )
+    max_images_per_sample: int = field(default=32, metadata={"help": "Most images one sample may carry."})
     image_timeout: float = field(default=20.0, metadata={"help": "Seconds to wait for an image URL to answer."})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "Largest image file or download."})
 
@@ -83,6 +84,7 @@ class DataArguments:
             overlong=self.overlong,
             image_folder=self.image_folder,
             image_limits=self.image_limits(),
+            max_images=self.max_images_per_sample,
         )
 
 

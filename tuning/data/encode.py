@@ -76,6 +76,7 @@ class Encoder:
         overlong: str = "turns",
         image_folder: str | None = None,
         image_limits: ImageLimits = ImageLimits(),
+        max_images: int = 32,
     ):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong policy {overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
@@ -86,6 +87,7 @@ class Encoder:
         self.overlong = overlong
         self.image_folder = image_folder
         self.image_limits = image_limits
+        self.max_images = max_images
         vocab = tokenizer.get_vocab()
         self.convention = (
             grounding.convention_for(model_type, vocab) if grounding_format == "auto" else grounding_format
@@ -204,6 +206,13 @@ class Encoder:
 
     def _load_images(self, conv: Conversation) -> list[tuple[object, int]]:
         found = [(ref, i) for i, m in enumerate(conv.messages) for ref in m.images]
+        if len(found) > self.max_images:
+            raise conv.error(
+                f"{len(found)} images, more than the {self.max_images} allowed per sample",
+                "split the conversation, or raise --max_images_per_sample",
+                found[self.max_images][1],
+                "content",
+            )
         if found and self.image_processor is None:
             raise conv.error(
                 "the sample has images but the model is text-only",

@@ -231,7 +231,7 @@ def validate(conv: Conversation) -> None:
         if not message.text.strip() and not message.images:
             raise conv.error(f"{message.role} message is empty", "remove the turn or give it content", i, "content")
         if message.images and message.role != "user":
-            raise conv.error(f"an image in a {message.role} turn", "images belong in user turns", i, "content")
+            raise conv.error(f"an image in the {message.role} turn", "images belong in user turns", i, "content")
         if message.role == "system" and i != 0:
             raise conv.error("a system message after the first turn", "put the system prompt first", i, "role")
     if not any(m.role == "assistant" for m in conv.messages):

@@ -1,0 +1,274 @@
+"""Encoding: ids equal the chat template's, loss only on assistant content and its end-of-turn token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import DATA
+from tests.helpers import conversations, encoder_for, picture, qwen_vl, supervised_runs, write_json, write_jsonl
+from tuning.data.encode import IGNORE_INDEX, DroppedSample
+from tuning.data.errors import DataError
+from tuning.data.formats import ImageRef, iter_conversations
+from tuning.data.images import load_image
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+DATA_FILES = ["example.json", "example_chatml.jsonl", "example_openai.jsonl"]
+
+
+def encode_one(processing, path, **kwargs):
+    [conv] = conversations(path)
+    return encoder_for(processing, **kwargs).encode(conv)
+
+
+def test_golden_single_turn(text_processing, tmp_path):
+    sample = encode_one(text_processing, write_json(tmp_path / "d.json", [qwen_vl("a", "hi", "hello there")]))
+    assert supervised_runs(text_processing[0], sample.input_ids, sample.labels) == [
+        (SYSTEM + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("hello there<|im_end|>", True),
+        ("\n", False),
+    ]
+
+
+def test_golden_multi_turn_with_system_and_aliases(text_processing, tmp_path):
+    record = {
+        "id": "m",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "one"},
+            {"from": "gpt", "value": "1"},
+            {"from": "human", "value": "two"},
+            {"from": "gpt", "value": "2"},
+        ],
+    }
+    sample = encode_one(text_processing, write_json(tmp_path / "d.json", [record]))
+    assert supervised_runs(text_processing[0], sample.input_ids, sample.labels) == [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\none<|im_end|>\n<|im_start|>assistant\n", False),
+        ("1<|im_end|>", True),
+        ("\n<|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n", False),
+        ("2<|im_end|>", True),
+        ("\n", False),
+    ]
+
+
+def test_golden_chatml_ids_are_literal(text_processing, tmp_path):
+    """One literal id list: the special tokens sit where Qwen numbers them, after the BPE vocabulary."""
+    tokenizer = text_processing[0]
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "type": "chatml",
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ],
+            }
+        ],
+    )
+    sample = encode_one(text_processing, path)
+    start, end, newline = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "Ċ"))
+    s, u, a = (tokenizer.convert_tokens_to_ids(t) for t in "sua")
+    system, user, assistant = (
+        tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("system", "user", "assistant")
+    )
+    expected = [
+        start,
+        *system,
+        newline,
+        s,
+        end,
+        newline,
+        start,
+        *user,
+        newline,
+        u,
+        end,
+        newline,
+        start,
+        *assistant,
+        newline,
+        a,
+        end,
+        newline,
+    ]
+    assert sample.input_ids == expected
+    assert sample.labels == [IGNORE_INDEX] * (len(expected) - 3) + [a, end, IGNORE_INDEX]
+    assert (start, end) == (len(tokenizer) - 13, len(tokenizer) - 12)
+
+
+def reference_ids(vl_processing, conv, encoder) -> list[int]:
+    """What apply_chat_template gives at inference for the same messages (grounding already converted)."""
+    tokenizer, processor, _ = vl_processing
+    sizes = encoder._resized_sizes(encoder._process_images([load_image(r) for r in conv.images])[1])
+    messages = encoder._template_messages(conv, sizes)
+    images = iter(load_image(r) for r in conv.images)
+    for m in messages:
+        if isinstance(m["content"], list):
+            m["content"] = [
+                {"type": "image", "image": next(images)} if p["type"] == "image" else p for p in m["content"]
+            ]
+    owner = processor if conv.images else tokenizer
+    out = owner.apply_chat_template(messages, tokenize=True, return_dict=True, add_vision_id=conv.add_vision_id)
+    ids = out["input_ids"]
+    return ids[0] if isinstance(ids[0], list) else ids
+
+
+@pytest.mark.parametrize("name", DATA_FILES)
+def test_parity_with_apply_chat_template_for_every_shipped_sample(vl_processing, name):
+    encoder = encoder_for(vl_processing)
+    for conv in iter_conversations([DATA / name]):
+        assert encoder.encode(conv).input_ids == reference_ids(vl_processing, conv, encoder), conv.id
+
+
+@pytest.mark.parametrize("name", DATA_FILES)
+def test_supervised_tokens_are_the_assistant_contents(vl_processing, name):
+    tokenizer = vl_processing[0]
+    encoder = encoder_for(vl_processing)
+    for conv in iter_conversations([DATA / name]):
+        sample = encoder.encode(conv)
+        supervised = [
+            run for run, is_supervised in supervised_runs(tokenizer, sample.input_ids, sample.labels) if is_supervised
+        ]
+        sizes = encoder._resized_sizes(sample.image_grid_thw)
+        contents = [m["content"] for m in encoder._template_messages(conv, sizes) if m["role"] == "assistant"]
+        contents = [c if isinstance(c, str) else "".join(p["text"] for p in c) for c in contents]
+        assert supervised == [c + "<|im_end|>" for c in contents], conv.id
+
+
+def test_image_tokens_never_train_and_match_the_grid(vl_processing, tmp_path):
+    picture(tmp_path / "a.png", "red")
+    picture(tmp_path / "b.png", "blue", (128, 64))
+    path = write_json(
+        tmp_path / "d.json",
+        [
+            qwen_vl(
+                "multi",
+                "Picture 1: <img>a.png</img>\nWhat is it?",
+                "red",
+                "Picture 2: <img>b.png</img>\nAnd this one? Picture 3: <img>a.png</img>",
+                "blue, red",
+            )
+        ],
+    )
+    sample = encode_one(vl_processing, path)
+    image_id = vl_processing[0].convert_tokens_to_ids("<|image_pad|>")
+    pads = [i for i, t in enumerate(sample.input_ids) if t == image_id]
+    assert sample.num_images == 3
+    assert len(pads) == int(sample.image_grid_thw.prod(dim=1).sum()) // 4
+    assert all(sample.labels[i] == IGNORE_INDEX for i in pads)
+    assert sample.mm_token_type_ids == [int(t == image_id) for t in sample.input_ids]
+    assert sample.pixel_values.shape[0] == int(sample.image_grid_thw.prod(dim=1).sum())
+    text = vl_processing[0].decode(sample.input_ids)
+    assert "Picture 3: <|vision_start|>" in text  # the numbering runs across turns
+
+
+def test_grounding_becomes_absolute_pixels_for_qwen25vl(vl_processing, tmp_path):
+    picture(tmp_path / "p.png", size=(320, 240))
+    path = write_json(
+        tmp_path / "d.json",
+        [qwen_vl("g", "Picture 1: <img>p.png</img>\nFind it", "<ref>the thing</ref><box>(500,500),(750,1000)</box>")],
+    )
+    with pytest.raises(DataError, match=r"outside \[0,1000\)"):
+        encode_one(vl_processing, path)
+    path = write_json(
+        tmp_path / "d.json",
+        [qwen_vl("g", "Picture 1: <img>p.png</img>\nFind it", "<ref>the thing</ref><box>(500,500),(750,999)</box>")],
+    )
+    sample = encode_one(vl_processing, path)
+    _, height, width = (int(v) * 14 for v in sample.image_grid_thw[0])
+    answer = vl_processing[0].decode(
+        [t for t, lab in zip(sample.input_ids, sample.labels, strict=True) if lab != IGNORE_INDEX]
+    )
+    x1, y1, x2, y2 = round(width * 0.5), round(height * 0.5), round(width * 0.75), round(height * 0.999)
+    assert (
+        answer
+        == f"<|object_ref_start|>the thing<|object_ref_end|><|box_start|>({x1},{y1}),({x2},{y2})<|box_end|><|im_end|>"
+    )
+
+
+def test_grounding_conventions_can_be_forced(vl_processing, tmp_path):
+    picture(tmp_path / "p.png")
+    path = write_json(
+        tmp_path / "d.json",
+        [qwen_vl("g", "Picture 1: <img>p.png</img>\nFind it", "<ref>x</ref><box>(10,20),(30,40)</box>")],
+    )
+    relative = vl_processing[0].decode(encode_one(vl_processing, path, grounding_format="qwen2-vl").input_ids)
+    assert "<|box_start|>(10,20),(30,40)<|box_end|>" in relative
+
+
+def test_qwen_vl_tags_become_single_new_tokens(tiny_vl, tmp_path):
+    from tuning.data.dataset import build_dataset
+    from tuning.model import load_processing
+
+    tokenizer, processor, model_type = load_processing(str(tiny_vl))  # a private copy: tokens get added
+    before = len(tokenizer)
+    picture(tmp_path / "p.png")
+    path = write_json(
+        tmp_path / "d.json",
+        [qwen_vl("g", "Picture 1: <img>p.png</img>\nFind it", "<ref>x</ref><box>(10,20),(30,40)</box>")],
+    )
+    from tuning.data.encode import Encoder
+
+    encoder = Encoder(tokenizer, processor, model_type=model_type, grounding_format="qwen-vl")
+    dataset, report = build_dataset([str(path)], encoder, show_progress=False)
+    assert report.added_tokens == ["<ref>", "</ref>", "<box>", "</box>"]
+    assert len(tokenizer) == before + 4
+    ids = dataset[0]["input_ids"]
+    for tag in report.added_tokens:
+        assert tokenizer.convert_tokens_to_ids(tag) in ids
+
+
+def test_overlong_keeps_whole_turns_and_never_cuts_an_image(vl_processing, tmp_path):
+    picture(tmp_path / "p.png")
+    long_answer = "word " * 200
+    path = write_json(
+        tmp_path / "d.json",
+        [
+            qwen_vl(
+                "long",
+                "Picture 1: <img>p.png</img>\nFirst?",
+                "short answer",
+                "Picture 2: <img>p.png</img>\nMore?",
+                long_answer.strip(),
+            )
+        ],
+    )
+    full = encode_one(vl_processing, path, max_length=4096)
+    first_turn_end = full.labels.index(IGNORE_INDEX, full.labels.index(next(x for x in full.labels if x != -100)))
+    limit = first_turn_end + 10  # room for the first exchange and part of the second image: never enough
+    sample = encode_one(vl_processing, path, max_length=limit)
+    assert sample.truncated and len(sample.input_ids) <= limit
+    assert sample.num_images == 1
+    assert vl_processing[0].decode(sample.input_ids).endswith("short answer<|im_end|>\n")
+    image_id = vl_processing[0].convert_tokens_to_ids("<|image_pad|>")
+    assert sample.input_ids.count(image_id) == int(sample.image_grid_thw.prod()) // 4
+    with pytest.raises(DroppedSample):
+        encode_one(vl_processing, path, max_length=20)
+    with pytest.raises(DataError, match="model_max_length"):
+        encode_one(vl_processing, path, max_length=limit, overlong="error")
+    with pytest.raises(DroppedSample):
+        encode_one(vl_processing, path, max_length=limit, overlong="drop")
+
+
+def test_pretraining_text_trains_every_token(text_processing):
+    [conv, *_] = iter_conversations([DATA / "example_pretrain.jsonl"])
+    sample = encoder_for(text_processing).encode(conv)
+    assert sample.labels == sample.input_ids
+    assert text_processing[0].decode(sample.input_ids) == conv.pretrain_text + "<|endoftext|>"
+
+
+def test_images_in_data_for_a_text_model_is_an_error(text_processing):
+    conv = next(c for c in iter_conversations([DATA / "example.json"]) if c.images)
+    with pytest.raises(DataError, match="text-only"):
+        encoder_for(text_processing).encode(conv)
+
+
+def test_pixels_match_the_processor(vl_processing):
+    conv = next(c for c in iter_conversations([DATA / "example.json"]) if c.images)
+    sample = encoder_for(vl_processing).encode(conv)
+    expected = vl_processing[1].image_processor(
+        images=[load_image(ImageRef(r.source, r.base_dir)) for r in conv.images], return_tensors="pt"
+    )
+    assert torch.equal(sample.pixel_values, expected["pixel_values"])

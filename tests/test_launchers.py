@@ -1,0 +1,45 @@
+"""The shell launchers: run with no arguments anywhere, fail early and clearly on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, run_env
+
+
+def launch(script: str, *args: str, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", f"finetune/{script}", *args],
+        cwd=REPO,
+        env={**run_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_lists_options_and_defaults():
+    result = launch("finetune_lora_ds.sh", "-h")
+    assert result.returncode == 0
+    assert "-m, --model" in result.stdout and "--deepspeed ds_config_zero2.json" in result.stdout
+
+
+def test_missing_data_and_unknown_model_fail_before_training(tmp_path):
+    missing = launch("finetune_lora_single_gpu.sh", "-d", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "data file" in missing.stderr and "not found" in missing.stderr
+    unknown = launch("finetune_lora_single_gpu.sh", "-m", "./no/such/model")
+    assert unknown.returncode == 2 and "model ./no/such/model not found" in unknown.stderr
+    not_a_model = launch("finetune_lora_single_gpu.sh", "-m", str(tmp_path))
+    assert not_a_model.returncode == 2 and "without config.json" in not_a_model.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_deepspeed_launcher_runs_with_defaults(tmp_path, tiny_vl):
+    out = tmp_path / "lora"
+    result = launch("finetune_lora_ds.sh", "-o", str(out), "--num_train_epochs", "1", "--save_strategy", "no")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "+ " in result.stderr and "torch.distributed.run" in result.stderr  # the command is printed
+    assert (out / "adapter_model.safetensors").is_file() and (out / "processor_config.json").is_file()

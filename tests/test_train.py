@@ -1,0 +1,163 @@
+"""finetune.py on the tiny models: what should train trains, what should not stays, and the result loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from finetune import train
+from tests.conftest import DATA
+
+pytestmark = pytest.mark.slow
+
+
+class ParameterWatch(TrainerCallback):
+    """Snapshots every parameter when training starts and compares when it ends."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        after = dict(model.named_parameters())
+        self.changed = {n for n, p in after.items() if not torch.equal(p.detach(), self.before[n])}
+
+
+def run(tmp_path, model, *flags, data=DATA / "example.json"):
+    watch = ParameterWatch()
+    argv = [
+        "--model_name_or_path",
+        str(model),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "True",
+        *flags,
+    ]
+    trainer = train(argv, callbacks=(watch,))
+    return trainer, watch
+
+
+def test_lora_on_vl_trains_adapters_and_projector_but_not_the_vision_tower(tmp_path, tiny_vl):
+    trainer, watch = run(tmp_path, tiny_vl, "--use_lora", "True", "--lora_r", "4")
+    assert watch.trainable and watch.changed == watch.trainable, watch.trainable - watch.changed
+    lora = {n for n in watch.trainable if "lora_" in n}
+    assert lora and all("visual" not in n for n in lora), "LoRA must not reach the vision tower by default"
+    assert any("merger" in n and "modules_to_save" in n for n in watch.trainable)
+    frozen_vision = [n for n in watch.before if "visual" in n and "merger" not in n]
+    assert frozen_vision and not set(frozen_vision) & watch.changed
+
+    out = tmp_path / "out"
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "run_args.json",
+        "data_report.json",
+        "loss.png",
+        "trainer_state.json",
+    ):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["usable"] == 3 and report["images"] == 3
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_vl), out)
+    live = {n.replace(".default", ""): p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    saved = {n.replace(".default", ""): p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert live.keys() == saved.keys()
+    assert all(torch.equal(live[n].detach(), saved[n].detach()) for n in live)
+
+
+def test_full_finetuning_trains_everything_but_the_frozen_vision_tower(tmp_path, tiny_vl):
+    _, watch = run(tmp_path, tiny_vl)
+    vision = {n for n in watch.before if "visual" in n and "merger" not in n}
+    assert vision and not vision & watch.trainable
+    assert watch.changed == watch.trainable
+    assert any("merger" in n for n in watch.trainable) and any("language_model" in n for n in watch.trainable)
+
+
+def test_vision_tower_trains_when_unfrozen(tmp_path, tiny_vl):
+    _, watch = run(tmp_path, tiny_vl, "--fix_vit", "False", "--tune_projector", "False")
+    assert any("visual.blocks" in n for n in watch.changed)
+    assert not any("merger" in n for n in watch.trainable)
+
+
+def test_qlora_nf4_trains_the_adapters(tmp_path, tiny_text):
+    _, watch = run(
+        tmp_path,
+        tiny_text,
+        "--use_lora",
+        "True",
+        "--q_lora",
+        "True",
+        "--lora_r",
+        "4",
+        data=DATA / "example_chatml.jsonl",
+    )
+    lora = {n for n in watch.trainable if "lora_" in n}
+    assert lora and lora <= watch.changed
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_argument_combinations_are_all_reported_before_loading(tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        train(
+            [
+                "--model_name_or_path",
+                str(tmp_path / "not-loaded"),
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--q_lora",
+                "True",
+                "--bf16",
+                "True",
+                "--fp16",
+                "True",
+                "--lora_r",
+                "0",
+            ]
+        )
+    message = str(caught.value)
+    assert "--q_lora True needs --use_lora True" in message
+    assert "--bf16 and --fp16 are both set" in message
+    assert "--lora_r must be positive" in message
+
+
+def test_existing_checkpoints_are_never_overwritten_silently(tmp_path, tiny_text):
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        run(tmp_path, tiny_text, data=DATA / "example_chatml.jsonl")
+
+
+def test_arguments_from_a_yaml_file(tmp_path):
+    from finetune import parse_arguments
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model_name_or_path: m\ndata_path: [a.json, b.jsonl]\noutput_dir: out\nuse_lora: true\n"
+        "lora_r: 8\nlearning_rate: 2.0e-4\nlr_scheduler_type: cosine\n"
+    )
+    model_args, data_args, training_args, lora_args = parse_arguments([str(config)])
+    assert (model_args.model_name_or_path, data_args.data_path) == ("m", ["a.json", "b.jsonl"])
+    assert training_args.use_lora and lora_args.lora_r == 8 and training_args.learning_rate == 2e-4
+    config.write_text("output_dir: out\nlora_rank: 8\n")
+    with pytest.raises(SystemExit, match=r"unknown arguments .*lora_rank"):
+        parse_arguments([str(config)])
