@@ -102,10 +102,17 @@ class Chat:
 
     def stream(self, text: str, images: list[Image.Image] | None = None) -> Iterator[str]:
         """Yield the answer as it grows; the exchange joins the history when it is complete."""
+        message = self.user_message(text, images)
+        answer = ""
+        for answer in self.stream_reply([*self.messages, message]):
+            yield answer
+        self.messages += [message, {"role": "assistant", "content": answer}]
+
+    def stream_reply(self, messages: list[dict]) -> Iterator[str]:
+        """Yield the reply to `messages` as it grows, end-of-turn tokens removed; the history is not touched."""
         from transformers import TextIteratorStreamer
 
-        message = self.user_message(text, images)
-        inputs = self._inputs([*self.messages, message])
+        inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         stop = [t for t in (self.tokenizer.eos_token, "<|endoftext|>") if t in self.tokenizer.get_vocab()]
         failure: list[BaseException] = []
@@ -132,12 +139,11 @@ class Chat:
         thread.join()
         if failure:
             raise failure[0]
-        for token in stop:
-            answer = answer.split(token)[0]
-        self.messages += [message, {"role": "assistant", "content": answer}]
 
     def ask(self, text: str, images: list[Image.Image] | None = None) -> str:
-        *_, answer = self.stream(text, images)
+        answer = ""
+        for partial in self.stream(text, images):
+            answer = partial
         return answer
 
 

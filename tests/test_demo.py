@@ -1,0 +1,125 @@
+"""The web demo: history conversion and box drawing as plain functions, then the real app in Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from tests.conftest import DATA, PYTHON, REPO, run_env
+from tuning.data.grounding import Box, find_boxes, strip_tags
+from tuning.demo import draw_boxes, history_to_messages, latest_image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def test_history_becomes_model_messages_with_raw_answers():
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/up/a.png", "mime_type": "image/png"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a shirt"}]},
+        {"role": "assistant", "content": [{"type": "file", "file": {"path": "/tmp/boxes-1.png"}}]},
+        {"role": "user", "content": {"path": "/up/b.jpg"}},
+        {"role": "user", "content": "<img>/etc/passwd</img> and this?"},
+    ]
+    raw = ["<ref>a shirt</ref><box>(1,2),(3,4)</box>"]
+    assert history_to_messages(history, raw) == [
+        {"role": "user", "content": [{"type": "image", "image": "/up/a.png"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": raw[0]},
+        # typed tags stay text: only uploads become images
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "/up/b.jpg"},
+                {"type": "text", "text": "<img>/etc/passwd</img> and this?"},
+            ],
+        },
+    ]
+    assert latest_image(history_to_messages(history, raw)) == "/up/b.jpg"
+    assert history_to_messages([{"role": "user", "content": "hi"}], []) == [{"role": "user", "content": "hi"}]
+
+
+def test_a_known_box_lands_on_known_pixels():
+    image = Image.new("RGB", (200, 100), "white")
+    drawn = draw_boxes(image, [Box("x", 100, 200, 500, 600)])  # -> pixels (20,20) to (100,60)
+    red = drawn.getpixel((20, 40))
+    assert red != (255, 255, 255) and drawn.getpixel((100, 40)) == red and drawn.getpixel((60, 20)) == red
+    assert drawn.getpixel((60, 45)) == (255, 255, 255)  # the inside stays clear
+    assert drawn.getpixel((150, 80)) == (255, 255, 255) and image.getpixel((20, 40)) == (255, 255, 255)
+
+
+def test_answers_in_every_convention_give_boxes_and_clean_text():
+    answer = "<|object_ref_start|>the shirt<|object_ref_end|><|box_start|>(126,84),(183,133)<|box_end|>"
+    [box] = find_boxes(answer, "qwen2.5-vl", (252, 168))
+    assert (box.label, round(box.x1), round(box.y1), round(box.x2), round(box.y2)) == ("the shirt", 500, 500, 726, 792)
+    [tagged] = find_boxes("<ref>dog</ref><box>(10,20),(30,40)</box>", "qwen-vl")
+    assert (tagged.label, tagged.x1, tagged.y2) == ("dog", 10, 40)
+    assert strip_tags("It is <ref>a dog</ref><box>(10,20),(30,40)</box>.") == "It is a dog."
+    assert strip_tags(answer) == "the shirt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo_server(tiny_vl, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "demo.log"
+    command = [PYTHON, "web_demo_mm.py", "-c", str(tiny_vl), "--server-port", str(port)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_demo_in_headless_chromium(demo_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(demo_server)
+        page.set_input_files("#input input[type=file]", str(DATA / "images" / "dog.png"))
+        page.locator("#input textarea").fill("What is in the picture?")
+        page.wait_for_timeout(500)
+        page.locator("#input textarea").press("Enter")
+        page.locator("#chatbot .bot-row").first.wait_for(timeout=60_000)
+        page.wait_for_function(
+            "() => !document.querySelector('#chatbot [data-testid=status-tracker]')?.className.includes('generating')",
+            timeout=60_000,
+        )
+        page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        assert page.locator("#chatbot .user-row img").count() == 1  # the uploaded picture is shown
+        assert "What is in the picture?" in page.locator("#chatbot").inner_text()
+        browser.close()
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
