@@ -70,6 +70,8 @@ class Chat:
     system: str | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     messages: list[dict] = field(default_factory=list)
+    # Qwen-VL data labels its pictures "Picture N:", so a model tuned on it is asked the same way.
+    add_vision_id: bool = True
 
     def reset(self) -> None:
         self.messages = []
@@ -88,7 +90,12 @@ class Chat:
         else:
             owner = self.tokenizer
         inputs = owner.apply_chat_template(
-            full, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            full,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            add_vision_id=self.add_vision_id,
         )
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
@@ -147,6 +154,20 @@ class Chat:
         return answer
 
 
+def resized_size(processor, image: Image.Image) -> tuple[int, int]:
+    """(width, height) of a picture as a Qwen-VL model sees it, after its processor's resize."""
+    grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+    patch = processor.image_processor.patch_size
+    return int(grid[2]) * patch, int(grid[1]) * patch
+
+
+def answer_boxes(answer: str, model_type: str, processor, image: Image.Image | None) -> list[grounding.Box]:
+    """Boxes of an answer in [0,1000), whatever the model's convention (Qwen2.5-VL writes pixels)."""
+    if model_type == "qwen2_5_vl" and image is not None and processor is not None:
+        return grounding.find_boxes(answer, "qwen2.5-vl", resized_size(processor, image))
+    return grounding.find_boxes(answer, "qwen2-vl")
+
+
 def readable(answer: str) -> str:
     """An answer with grounding shown as 'label [x1,y1,x2,y2]' instead of raw tags."""
     boxes = grounding.find_boxes(answer, "qwen-vl")
@@ -203,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--cpu-only", action="store_true", help="stay on the CPU even if a GPU is there")
+    parser.add_argument(
+        "--no_vision_id", action="store_true", help="do not label pictures 'Picture N:' (for models tuned without)"
+    )
     args = parser.parse_args(argv)
 
     for path in args.image:
@@ -211,9 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, processor = load_for_chat(args.model, args.adapter, args.bits, args.cpu_only)
     if args.image and not is_vision_language(model.config):
         parser.error("--image needs a vision-language model")
-    chat = Chat(
-        model, tokenizer, processor, args.system, GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
-    )
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    chat = Chat(model, tokenizer, processor, args.system, settings, add_vision_id=not args.no_vision_id)
     images = [Image.open(p).convert("RGB") for p in args.image]
     if args.prompt is not None:
         print(readable(chat.ask(args.prompt, images or None)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from tuning.chat import Chat, GenerationSettings
+from tuning.chat import Chat, GenerationSettings, answer_boxes
 from tuning.data import grounding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -105,28 +105,13 @@ def draw_boxes(image: Image.Image, boxes: list[grounding.Box]) -> Image.Image:
     return drawn
 
 
-def boxes_in(answer: str, image: Image.Image | None, resized: tuple[int, int] | None) -> list[grounding.Box]:
-    """Boxes of an answer in [0,1000): native Qwen2.5-VL boxes are pixels of the resized picture."""
-    convention = "qwen2.5-vl" if resized else "qwen2-vl"
-    return grounding.find_boxes(answer, convention, resized)
-
-
 # -- the app ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class DemoModel:
     chat: Chat
-    absolute_boxes: bool = False  # Qwen2.5-VL writes boxes in pixels of the picture it sees
     outputs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="web-demo-")))
-
-    def resized_size(self, image: Image.Image) -> tuple[int, int] | None:
-        processor = self.chat.processor
-        if not self.absolute_boxes or processor is None:
-            return None
-        grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
-        patch = processor.image_processor.patch_size
-        return int(grid[2]) * patch, int(grid[1]) * patch
 
     def reply(self, messages: list[dict], settings: GenerationSettings, system: str) -> Iterator[str]:
         self.chat.settings = settings
@@ -148,8 +133,9 @@ class DemoModel:
     def picture_with_boxes(self, answer: str, image_path: str | None, turn: int) -> str | None:
         if image_path is None or not (grounding.has_grounding(answer) or "<|box_start|>" in answer):
             return None
-        image = Image.open(image_path)
-        boxes = boxes_in(answer, image, self.resized_size(image))
+        image = Image.open(image_path).convert("RGB")
+        model_type = self.chat.model.config.model_type
+        boxes = answer_boxes(answer, model_type, self.chat.processor, image)
         if not boxes:
             return None
         path = self.outputs / f"boxes-{turn}.png"
@@ -246,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model_path = args.checkpoint_path or str(ensure_tiny("vl"))
     model, tokenizer, processor = load_for_chat(model_path, args.adapter, args.bits, args.cpu_only)
-    demo_model = DemoModel(Chat(model, tokenizer, processor), absolute_boxes=model.config.model_type == "qwen2_5_vl")
+    demo_model = DemoModel(Chat(model, tokenizer, processor))
     app = build_app(demo_model, title=f"Multimodal chat — {Path(model_path).name}")
     app.queue(default_concurrency_limit=args.concurrency, max_size=64).launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, max_file_size=MAX_UPLOAD

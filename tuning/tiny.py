@@ -89,7 +89,9 @@ class TinySpec:
     vision_hidden_size: int = 32
     vision_depth: int = 2
     bpe_vocab_size: int = 2048
-    initializer_range: float = 0.02
+    # Larger than the usual 0.02: with so few, so narrow layers a 0.02 model keeps near-flat logits, its
+    # loss barely moves and it cannot learn a colour from a picture (measured: 37% vs 100%, chance 33%).
+    initializer_range: float = 0.2
     seed: int = 0
     # Small images keep tests fast: at most 64 merged vision tokens per picture.
     min_pixels: int = 4 * 28 * 28

@@ -1,0 +1,230 @@
+"""The main job on the embedded tiny models: prove that fine-tuning teaches them something.
+
+    python scripts/main_job.py            # run by scripts/demo.sh after the set-up
+
+1. Identity: LoRA-train the tiny Qwen2 on many phrasings of "who are you" with one fixed answer,
+   through finetune/finetune_lora_ds.sh; merge; ask before and after (a seen and an unseen phrasing).
+2. Vision: LoRA-train the tiny Qwen2.5-VL on synthetic shape pictures through the same launcher;
+   merge; accuracy on held-out pictures before and after, with blank and shuffled pictures as
+   controls (if the answers come from the pixels they fall to chance); one grounded answer drawn.
+Every step prints the command it runs; a summary closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+OUT = Path(os.environ.get("DEMO_OUTPUT", REPO / "output" / "demo"))
+IDENTITY_QUESTIONS = ("你是谁？", "Could you tell me who you are?")  # the second phrasing is never trained on
+TRAIN_FLAGS = [
+    "--overwrite_output_dir",
+    "True",
+    "--save_strategy",
+    "no",
+    "--gradient_accumulation_steps",
+    "1",
+    "--lora_r",
+    "16",
+    "--lora_alpha",
+    "32",
+    "--learning_rate",
+    "3e-3",
+    "--warmup_steps",
+    "0.03",
+    "--gradient_checkpointing",
+    "False",
+    "--model_max_length",
+    "512",
+    "--disable_tqdm",
+    "True",
+]
+
+
+def run(title: str, *command: str, capture: bool = False) -> str:
+    print(f"\n== {title}\n+ {shlex.join(str(c) for c in command)}", flush=True)
+    result = subprocess.run(
+        [str(c) for c in command], cwd=REPO, text=True, check=False, stdout=subprocess.PIPE if capture else None
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"step failed with exit status {result.returncode}: {title}")
+    if capture:
+        print(result.stdout, end="")
+    return result.stdout or ""
+
+
+def ask(model: str, question: str, *extra: str) -> str:
+    lines = (
+        run(
+            f"asking {Path(model).name}",
+            PY,
+            "-m",
+            "tuning.chat",
+            model,
+            "--prompt",
+            question,
+            "--max_new_tokens",
+            "64",
+            *extra,
+            capture=True,
+        )
+        .strip()
+        .splitlines()
+    )
+    return lines[-1] if lines else ""
+
+
+def accuracy(model: str, data: Path, suffix: str, picture: str = "real") -> dict:
+    output = run(
+        f"accuracy of {Path(model).name} on {suffix[1:]} questions, {picture} pictures",
+        PY,
+        "-m",
+        "tuning.evaluate",
+        model,
+        "--data",
+        data,
+        "--id_suffix",
+        suffix,
+        "--picture",
+        picture,
+        "--json",
+        capture=True,
+    )
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def identity_task(text_model: str) -> dict:
+    data = OUT / "identity.json"
+    run("generating the identity data", PY, "data/make_identity.py", "--out", data)
+    before = {q: ask(text_model, q) for q in IDENTITY_QUESTIONS}
+    adapter, merged = OUT / "identity-lora", OUT / "identity-merged"
+    run(
+        "LoRA fine-tuning the tiny Qwen2 (DeepSpeed ZeRO-2 launcher)",
+        "bash",
+        "finetune/finetune_lora_ds.sh",
+        "-m",
+        text_model,
+        "-d",
+        data,
+        "-o",
+        adapter,
+        *TRAIN_FLAGS,
+        "--num_train_epochs",
+        "20",
+        "--per_device_train_batch_size",
+        "8",
+    )
+    run("merging the adapter", PY, "merge_lora.py", "--adapter", adapter, "--output", merged, "--overwrite")
+    after = {q: ask(str(merged), q) for q in IDENTITY_QUESTIONS}
+    expected = json.loads(data.read_text())[0]["conversations"][1]["value"]
+    return {
+        "before": before,
+        "after": after,
+        "expected": expected,
+        "loss_curve": str(adapter / "loss.png"),
+        "merged": str(merged),
+    }
+
+
+def vision_task(vl_model: str) -> dict:
+    folder = OUT / "shapes"
+    run("drawing the shape pictures", PY, "data/make_shapes.py", "--out", folder)
+    test = folder / "test.json"
+    before = {name: accuracy(vl_model, test, suffix) for name, suffix in (("colour", "_colour"), ("where", "_where"))}
+    adapter, merged = OUT / "shapes-lora", OUT / "shapes-merged"
+    run(
+        "LoRA fine-tuning the tiny Qwen2.5-VL (DeepSpeed ZeRO-2 launcher)",
+        "bash",
+        "finetune/finetune_lora_ds.sh",
+        "-m",
+        vl_model,
+        "-d",
+        folder / "train.json",
+        "-o",
+        adapter,
+        *TRAIN_FLAGS,
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "1",
+    )
+    run("merging the adapter", PY, "merge_lora.py", "--adapter", adapter, "--output", merged, "--overwrite")
+    after = {name: accuracy(str(merged), test, suffix) for name, suffix in (("colour", "_colour"), ("where", "_where"))}
+    controls = {picture: accuracy(str(merged), test, "_colour", picture) for picture in ("blank", "shuffled")}
+    drawn = OUT / "grounded-answer.png"
+    run(
+        "one grounded answer, drawn on its picture",
+        PY,
+        "-m",
+        "tuning.evaluate",
+        merged,
+        "--data",
+        test,
+        "--id_suffix",
+        "_where",
+        "--draw",
+        drawn,
+        capture=True,
+    )
+    return {
+        "before": before,
+        "after": after,
+        "controls": controls,
+        "drawn": str(drawn),
+        "loss_curve": str(adapter / "loss.png"),
+        "merged": str(merged),
+    }
+
+
+def percent(score: dict) -> str:
+    return f"{score['correct']}/{score['total']} ({score['accuracy']:.0%})"
+
+
+def main() -> int:
+    started = time.monotonic()
+    OUT.mkdir(parents=True, exist_ok=True)
+    models = (
+        run(
+            "building the tiny models (reused when current)",
+            PY,
+            "-c",
+            "from tuning.tiny import ensure_tiny; print(ensure_tiny('text')); print(ensure_tiny('vl'))",
+            capture=True,
+        )
+        .strip()
+        .splitlines()[-2:]
+    )
+    identity = identity_task(models[0])
+    vision = vision_task(models[1])
+    (OUT / "summary.json").write_text(
+        json.dumps({"identity": identity, "vision": vision}, indent=2, ensure_ascii=False)
+    )
+    print(f"\n== Summary ({time.monotonic() - started:.0f} s), outputs in {OUT}")
+    print(f"identity, expected answer: {identity['expected']}")
+    for question in IDENTITY_QUESTIONS:
+        print(
+            f"  {question}\n    before: {identity['before'][question]!r}\n    after:  {identity['after'][question]!r}"
+        )
+    print("vision, held-out pictures (chance: colour 1/3, where 1/4):")
+    for name in ("colour", "where"):
+        print(f"  {name}: before {percent(vision['before'][name])}, after {percent(vision['after'][name])}")
+    print(
+        f"  colour with blank pictures {percent(vision['controls']['blank'])}, "
+        f"shuffled pictures {percent(vision['controls']['shuffled'])}"
+    )
+    print(f"  grounded answer drawn: {vision['drawn']}")
+    print(f"loss curves: {identity['loss_curve']} {vision['loss_curve']}")
+    print(f"merged models: {identity['merged']} {vision['merged']}")
+    learned = all(identity["after"][q] == identity["expected"] for q in IDENTITY_QUESTIONS)
+    return 0 if learned and vision["after"]["colour"]["accuracy"] >= 0.9 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
