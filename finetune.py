@@ -168,6 +168,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
     resume = resolve_resume(
         training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir
     )
+    transformers.set_seed(training_args.seed)  # LoRA and new rows are initialised before the Trainer seeds
     zero3 = is_zero3(training_args)
     if zero3 and not transformers.utils.is_torch_cuda_available():
         import deepspeed  # ZeRO-3 on the CPU checks its batch size in from_pretrained: the group must exist

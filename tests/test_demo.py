@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,7 +15,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from tests.conftest import DATA, PYTHON, REPO, run_env
+from tests.conftest import PYTHON, REPO, run_env
 from tuning.data.grounding import Box, find_boxes, strip_tags
 from tuning.demo import draw_boxes, history_to_messages, latest_image
 
@@ -61,6 +65,7 @@ def test_answers_in_every_convention_give_boxes_and_clean_text():
     assert (tagged.label, tagged.x1, tagged.y2) == ("dog", 10, 40)
     assert strip_tags("It is <ref>a dog</ref><box>(10,20),(30,40)</box>.") == "It is a dog."
     assert strip_tags(answer) == "the shirt"
+    assert strip_tags("<|object_ref_start|>cut off<|box_start|>(1,") == "cut off(1,"  # malformed: no tag shows
 
 
 def free_port() -> int:
@@ -69,11 +74,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def grounding_adapter(tmp_path_factory, tiny_vl):
+    """The tiny VL model taught to answer "Where is the shape?" with a <ref>/<box> answer."""
+    from finetune import train
+
+    folder = tmp_path_factory.mktemp("shapes")
+    subprocess.run(
+        [PYTHON, "data/make_shapes.py", "--out", str(folder), "--train", "300", "--test", "2"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    samples = json.loads((folder / "train.json").read_text())
+    (folder / "where.json").write_text(json.dumps([s for s in samples if s["id"].endswith("_where")]))
+    out = folder / "lora"
+    train(
+        [
+            "--model_name_or_path",
+            str(tiny_vl),
+            "--data_path",
+            str(folder / "where.json"),
+            "--output_dir",
+            str(out),
+            "--use_lora",
+            "True",
+            "--lora_r",
+            "16",
+            "--lora_alpha",
+            "32",
+            "--learning_rate",
+            "3e-3",
+            "--num_train_epochs",
+            "2",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "True",
+        ]
+    )
+    return out, folder / "images" / "test_0.png"
+
+
 @pytest.fixture
-def demo_server(tiny_vl, tmp_path):
+def demo_server(tiny_vl, grounding_adapter, tmp_path):
     port = free_port()
     log_path = tmp_path / "demo.log"
-    command = [PYTHON, "web_demo_mm.py", "-c", str(tiny_vl), "--server-port", str(port)]
+    command = [
+        PYTHON,
+        "web_demo_mm.py",
+        "-c",
+        str(tiny_vl),
+        "--adapter",
+        str(grounding_adapter[0]),
+        "--server-port",
+        str(port),
+    ]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -91,35 +147,51 @@ def demo_server(tiny_vl, tmp_path):
         process.wait(timeout=30)
 
 
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = os.environ.get("DEMO_SCREENSHOT")  # set to refresh the README's picture
+
+
+def ask_in_page(page, picture, question: str) -> None:
+    page.set_input_files("#input input[type=file]", str(picture))
+    page.locator("#input textarea").fill(question)
+    page.wait_for_timeout(500)
+    page.locator("#input textarea").press("Enter")
+    page.locator("#chatbot .bot-row").first.wait_for(timeout=60_000)
+    page.wait_for_function(
+        "() => !document.querySelector('#chatbot [data-testid=status-tracker]')?.className.includes('generating')",
+        timeout=60_000,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.browser
-def test_demo_in_headless_chromium(demo_server, tmp_path):
+def test_demo_in_headless_chromium_draws_the_answer_box(demo_server, grounding_adapter, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
         page.goto(demo_server)
-        page.set_input_files("#input input[type=file]", str(DATA / "images" / "dog.png"))
-        page.locator("#input textarea").fill("What is in the picture?")
-        page.wait_for_timeout(500)
-        page.locator("#input textarea").press("Enter")
-        page.locator("#chatbot .bot-row").first.wait_for(timeout=60_000)
-        page.wait_for_function(
-            "() => !document.querySelector('#chatbot [data-testid=status-tracker]')?.className.includes('generating')",
-            timeout=60_000,
-        )
+        ask_in_page(page, grounding_adapter[1], "Where is the shape?")
+        with contextlib.suppress(PlaywrightTimeout):  # the drawn picture follows the text; asserts say what is missing
+            page.locator("#chatbot .bot-row img").first.wait_for(timeout=10_000)
         page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        if SCREENSHOT:
+            page.screenshot(path=SCREENSHOT, full_page=True)
+        chat_text = page.locator("#chatbot").inner_text()
         assert page.locator("#chatbot .user-row img").count() == 1  # the uploaded picture is shown
-        assert "What is in the picture?" in page.locator("#chatbot").inner_text()
+        assert "Where is the shape?" in chat_text
+        assert re.search(r"the (circle|square|triangle)", chat_text)  # the answer's label, tags hidden
+        assert "<|box_start|>" not in chat_text and "<ref>" not in chat_text
+        assert page.locator("#chatbot .bot-row img").count() == 1, chat_text  # the picture with the box drawn
         browser.close()
     assert (tmp_path / "demo.png").stat().st_size > 10_000

@@ -139,7 +139,8 @@ class DemoModel:
         if not boxes:
             return None
         path = self.outputs / f"boxes-{turn}.png"
-        draw_boxes(image, boxes).save(path)
+        scale = max(1, 256 // max(image.size))  # a thumbnail-sized picture is enlarged so labels can be read
+        draw_boxes(image.resize((image.width * scale, image.height * scale), Image.NEAREST), boxes).save(path)
         return str(path)
 
 

@@ -114,8 +114,12 @@ def find_boxes(text: str, convention: str, image_size: tuple[int, int] | None = 
     return boxes
 
 
+LEFTOVER_TAGS = re.compile(r"</?(?:ref|box)>|<\|(?:object_ref_start|object_ref_end|box_start|box_end)\|>")
+
+
 def strip_tags(text: str) -> str:
-    """Readable text of an answer: labels kept, box tags and coordinates removed."""
+    """Readable text of an answer: labels kept, boxes removed, and no tag left even from a malformed answer."""
     text = BOX.sub("", NATIVE_BOX.sub("", text))
     text = REF.sub(lambda m: m.group(1), text)
-    return NATIVE_REF.sub(lambda m: m.group(1), text)
+    text = NATIVE_REF.sub(lambda m: m.group(1), text)
+    return LEFTOVER_TAGS.sub("", text)

@@ -1,0 +1,107 @@
+"""The main job's two tasks, as tests: a tiny model really learns, and a VL model's answer comes from the pixels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from finetune import train
+from tests.conftest import PYTHON, REPO
+from tuning.chat import Chat, GenerationSettings, load_for_chat
+from tuning.evaluate import exact_match
+from tuning.merge import merge
+
+pytestmark = pytest.mark.slow
+COMMON = [
+    "--use_lora",
+    "True",
+    "--lora_r",
+    "16",
+    "--lora_alpha",
+    "32",
+    "--learning_rate",
+    "3e-3",
+    "--warmup_steps",
+    "0.03",
+    "--save_strategy",
+    "no",
+    "--disable_tqdm",
+    "True",
+    "--logging_steps",
+    "10",
+]
+
+
+def generate(script: str, out) -> None:
+    subprocess.run([PYTHON, f"data/{script}", "--out", str(out)], cwd=REPO, check=True, capture_output=True)
+
+
+def losses(folder) -> list[float]:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_identity_is_learned_and_survives_the_merge(tmp_path, tiny_text):
+    data = tmp_path / "identity.json"
+    generate("make_identity.py", data)
+    expected = json.loads(data.read_text())[0]["conversations"][1]["value"]
+    base = Chat(*load_for_chat(str(tiny_text)), settings=GenerationSettings(64))
+    assert base.ask("你是谁？").strip() != expected
+
+    adapter = tmp_path / "lora"
+    train(
+        [
+            "--model_name_or_path",
+            str(tiny_text),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(adapter),
+            "--num_train_epochs",
+            "20",
+            "--per_device_train_batch_size",
+            "8",
+            *COMMON,
+        ]
+    )
+    merge(adapter, tmp_path / "merged")
+    tuned = Chat(*load_for_chat(str(tmp_path / "merged")), settings=GenerationSettings(64))
+    for question in ("你是谁？", "Could you tell me who you are?"):  # the second was never trained on
+        tuned.reset()
+        assert tuned.ask(question).strip() == expected, question
+    curve = losses(adapter)
+    assert curve[-1] < curve[0] / 10 and (adapter / "loss.png").stat().st_size > 5_000
+
+
+def test_vision_answers_come_from_the_pixels(tmp_path, tiny_vl):
+    folder = tmp_path / "shapes"
+    generate("make_shapes.py", folder)
+    test = folder / "test.json"
+    base = Chat(*load_for_chat(str(tiny_vl)), settings=GenerationSettings(16))
+    assert exact_match(base, test, "_colour").accuracy < 0.5
+
+    adapter = tmp_path / "lora"
+    train(
+        [
+            "--model_name_or_path",
+            str(tiny_vl),
+            "--data_path",
+            str(folder / "train.json"),
+            "--output_dir",
+            str(adapter),
+            "--num_train_epochs",
+            "2",
+            "--per_device_train_batch_size",
+            "1",
+            *COMMON,
+        ]
+    )
+    tuned = Chat(*load_for_chat(str(tiny_vl), str(adapter)), settings=GenerationSettings(16))
+    assert exact_match(tuned, test, "_colour").accuracy >= 0.9
+    # Chance is 1/3: without the right picture the colour cannot be known.
+    assert exact_match(tuned, test, "_colour", picture="blank").accuracy <= 0.5
+    assert exact_match(tuned, test, "_colour", picture="shuffled").accuracy <= 0.5
+    curve = losses(adapter)
+    assert curve[-1] < curve[0] / 10
