@@ -21,7 +21,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer
 
 from tuning.data.args import DataArguments, merge_repeated_flags
-from tuning.data.collate import PaddingCollator
+from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset
 from tuning.model import (
     LoadOptions,
@@ -32,6 +32,7 @@ from tuning.model import (
     load_model,
     load_processing,
     resize_for_tokenizer,
+    rope_index_fn,
     set_trainable,
     untrained_token_ids,
 )
@@ -152,6 +153,12 @@ def parse_arguments(argv: list[str]):
     return built
 
 
+def collator_for(model, tokenizer, packing: bool):
+    if packing:
+        return FlatteningCollator(rope_index=rope_index_fn(model))
+    return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+
+
 def is_zero3(training_args) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -179,12 +186,21 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
     tokenizer, processor, model_type = load_processing(model_args.model_name_or_path, model_args.trust_remote_code)
     encoder = data_args.encoder(tokenizer, processor, model_type)
     train_set, report = build_dataset(
-        data_args.data_path, encoder, lazy=data_args.lazy_preprocess, skip_bad_samples=data_args.skip_bad_samples
+        data_args.data_path,
+        encoder,
+        lazy=data_args.lazy_preprocess,
+        skip_bad_samples=data_args.skip_bad_samples,
+        workers=data_args.preprocessing_num_workers,
     )
     logger.info(report.summary())
     eval_set = None
     if data_args.eval_data_path:
-        eval_set, eval_report = build_dataset(data_args.eval_data_path, encoder, lazy=data_args.lazy_preprocess)
+        eval_set, eval_report = build_dataset(
+            data_args.eval_data_path,
+            encoder,
+            lazy=data_args.lazy_preprocess,
+            workers=data_args.preprocessing_num_workers,
+        )
         logger.info(eval_report.summary())
 
     dtype = compute_dtype(training_args.bf16, training_args.fp16)
@@ -240,7 +256,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator_for(model, tokenizer, data_args.packing),
         callbacks=[ThroughputCallback(training_args.world_size), LossPlotCallback(), *callbacks],
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout

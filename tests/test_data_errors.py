@@ -153,3 +153,13 @@ def test_check_command_shows_dumps_and_exits_by_outcome(tiny_vl, tmp_path, bad_f
 
     assert check_command("--model_name_or_path", str(tiny_vl), "--show", "x").returncode == 2
     assert check_command("--data_path", str(bad), "--model_name_or_path", str(tmp_path / "nope")).returncode == 2
+
+
+def test_worker_processes_encode_the_same_and_report_the_same(vl_processing, bad_folder):
+    records = [qwen_vl("good", "hi", "hello")] + [BAD_CASES[c][0] for c in sorted(BAD_CASES)]
+    files = [str(write_json(bad_folder / "bad.json", records)), str(DATA / "example.json")]
+    encoder = encoder_for(vl_processing, max_images=2)
+    one, one_report = build_dataset(files, encoder, skip_bad_samples=True, show_progress=False)
+    two, two_report = build_dataset(files, encoder, skip_bad_samples=True, show_progress=False, workers=2)
+    assert one_report.to_dict() == two_report.to_dict()
+    assert [s.input_ids for s in one.samples] == [s.input_ids for s in two.samples]

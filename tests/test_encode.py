@@ -272,3 +272,20 @@ def test_pixels_match_the_processor(vl_processing):
         images=[load_image(ImageRef(r.source, r.base_dir)) for r in conv.images], return_tensors="pt"
     )
     assert torch.equal(sample.pixel_values, expected["pixel_values"])
+
+
+def test_a_template_without_a_clean_split_is_a_clear_error(tiny_text, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
+    # Like templates that drop the reasoning of earlier turns: adding a message rewrites what came before.
+    tokenizer.chat_template = (
+        "{% for m in messages|reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    path = write_json(tmp_path / "d.json", [qwen_vl("x", "hi", "hello")])
+    with pytest.raises(DataError, match=r"chat template of '.*tiny-qwen2' cannot be split into turns"):
+        encode_one((tokenizer, None, "qwen2"), path)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        encode_one((tokenizer, None, "qwen2"), path)

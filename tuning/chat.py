@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from tuning.data import grounding
-from tuning.model import LoadOptions, is_vision_language, load_model, load_processing
+from tuning.model import LoadOptions, is_vision_language, load_model, load_processing, set_use_cache
 
 
 @dataclass
@@ -56,7 +56,7 @@ def load_for_chat(model_path: str, adapter: str | None = None, bits: int | None 
         model = PeftModel.from_pretrained(model, adapter)
     if torch.cuda.is_available() and not cpu_only and bits is None:
         model = model.to("cuda")
-    model.config.use_cache = True
+    set_use_cache(model, True)
     return model.eval(), tokenizer, processor
 
 

@@ -91,8 +91,14 @@ def load_model(options: LoadOptions):
     if options.device_map is not None and not options.zero3:
         kwargs["device_map"] = options.device_map
     model = model_class.from_pretrained(options.model_name_or_path, **kwargs)
-    model.config.use_cache = False  # a cache defeats packed-sequence masks and wastes memory in training
+    set_use_cache(model, False)  # a cache defeats packed-sequence masks and wastes memory in training
     return model
+
+
+def set_use_cache(model: nn.Module, enabled: bool) -> None:
+    """On the model's config and on its text config, which a VL model's language model reads."""
+    model.config.use_cache = enabled
+    model.config.get_text_config().use_cache = enabled
 
 
 def submodule_names(model: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -162,6 +168,14 @@ def untrained_token_ids(model: nn.Module, tokenizer, candidates: list[str], adde
         if token_id is not None and token_id < len(norms) and norms[token_id] < 0.1 * typical:
             ids.add(token_id)
     return sorted(ids)
+
+
+def rope_index_fn(model: nn.Module):
+    """The model's own 3-D rope position function (Qwen-VL families), or None for 1-D rope models."""
+    for module in model.modules():
+        if hasattr(module, "get_rope_index") and hasattr(module, "language_model"):
+            return module.get_rope_index
+    return None
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     encoder = data_args.encoder(tokenizer, processor, model_type)
     try:
-        dataset, report = build_dataset(data_args.data_path, encoder, lazy=False, skip_bad_samples=True)
+        dataset, report = build_dataset(
+            data_args.data_path,
+            encoder,
+            skip_bad_samples=True,
+            show_progress=sys.stderr.isatty(),
+            workers=data_args.preprocessing_num_workers,
+        )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,16 @@ class DataArguments:
             "choices": list(OVERLONG_POLICIES),
         },
     )
+    preprocessing_num_workers: int = field(
+        default=1, metadata={"help": "Processes that encode the data before training (images make it slow)."}
+    )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Padding-free batches: samples are concatenated with per-sample positions, so none "
+            "attends to another and no compute goes to padding. False pads each batch to its longest."
+        },
+    )
     image_folder: str | None = field(
         default=None, metadata={"help": "Where relative image paths are looked up after the data file's folder."}
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,19 +52,44 @@ class FlatteningCollator:
 
     Transformers builds a block-diagonal mask from the restarting positions (flash-attention varlen on
     GPU, sdpa/eager on CPU with use_cache=False). The first label of every sample is -100: it would
-    otherwise be predicted from the previous sample's last token.
+    otherwise be predicted from the previous sample's last token. For Qwen-VL models `rope_index` is the
+    model's get_rope_index: each sample gets its own 3-D rope positions, after a row of text positions
+    that the model uses to find the sample boundaries (position_ids of shape (4, 1, total)).
     """
 
+    rope_index: Callable | None = None
+
     def __call__(self, features: list[dict]) -> dict:
-        if any(f.get("pixel_values") is not None for f in features):
-            raise ValueError("FlatteningCollator handles text samples; use PaddingCollator for images")
-        input_ids, labels, positions = [], [], []
+        input_ids, labels, positions, rope = [], [], [], []
         for f in features:
             input_ids += f["input_ids"]
             labels += [IGNORE_INDEX, *f["labels"][1:]]
             positions += range(len(f["input_ids"]))
-        return {
-            "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-        }
+            if self.rope_index is not None:
+                rope.append(self._rope_positions(f))
+        batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
+        if self.rope_index is None:
+            if any(f.get("pixel_values") is not None for f in features):
+                raise ValueError("images need the model's rope index to be flattened: pass rope_index")
+            batch["position_ids"] = torch.tensor([positions])
+            return batch
+        text_positions = torch.tensor([positions]).view(1, 1, -1)
+        batch["position_ids"] = torch.cat([text_positions, torch.cat(rope, dim=2)], dim=0)
+        batch["mm_token_type_ids"] = torch.tensor([[t for f in features for t in self._token_types(f)]])
+        _stack_images(features, batch)
+        return batch
+
+    @staticmethod
+    def _token_types(feature: dict) -> list[int]:
+        return feature.get("mm_token_type_ids") or [0] * len(feature["input_ids"])
+
+    def _rope_positions(self, feature: dict) -> torch.Tensor:
+        length = len(feature["input_ids"])
+        if feature.get("image_grid_thw") is None:
+            return torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
+        positions, _ = self.rope_index(
+            torch.tensor([feature["input_ids"]]),
+            mm_token_type_ids=torch.tensor([self._token_types(feature)]),
+            image_grid_thw=feature["image_grid_thw"],
+        )
+        return positions

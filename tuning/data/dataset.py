@@ -148,6 +148,38 @@ def add_grounding_tokens(conversations: list[Conversation], encoder: Encoder) ->
     return missing
 
 
+_worker_encoder: Encoder | None = None
+
+
+def _set_worker_encoder(encoder: Encoder) -> None:
+    global _worker_encoder  # one encoder per worker process, set once by the pool's initializer
+    _worker_encoder = encoder
+
+
+def _encode(conv: Conversation, encoder: Encoder | None = None) -> tuple[str, object]:
+    """("ok", Sample) | ("bad", DataError fields) | ("dropped", (id, reason)): plain values cross processes."""
+    try:
+        return "ok", (encoder or _worker_encoder).encode(conv)
+    except DataError as e:
+        return "bad", asdict(e)
+    except DroppedSample as e:
+        return "dropped", (e.sample_id, e.reason)
+
+
+def _encode_all(conversations: list[Conversation], encoder: Encoder, workers: int, show_progress: bool):
+    if workers <= 1:
+        results = (_encode(conv, encoder) for conv in conversations)
+        yield from tqdm(results, total=len(conversations), desc="encoding", disable=not show_progress, leave=False)
+        return
+    import multiprocessing
+
+    # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang in the image processor
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_set_worker_encoder, initargs=(encoder,)) as pool:
+        results = pool.imap(_encode, conversations, chunksize=16)
+        yield from tqdm(results, total=len(conversations), desc="encoding", disable=not show_progress, leave=False)
+
+
 def build_dataset(
     paths: list[str],
     encoder: Encoder,
@@ -155,22 +187,23 @@ def build_dataset(
     lazy: bool = False,
     skip_bad_samples: bool = False,
     show_progress: bool = True,
+    workers: int = 1,
 ) -> tuple[Dataset, DataReport]:
     """Read, validate and encode every sample. Raises DataErrors listing every bad sample, unless skipping."""
     report = DataReport(files=[str(p) for p in paths])
     conversations, errors = parse_all(paths, report)
     report.added_tokens = add_grounding_tokens(conversations, encoder)
     kept, samples = [], []
-    progress = tqdm(conversations, desc="encoding", disable=not show_progress, leave=False)
-    for conv in progress:
-        try:
-            sample = encoder.encode(conv)
-        except DataError as e:
-            errors.append(e)
+    for conv, (outcome, value) in zip(
+        conversations, _encode_all(conversations, encoder, workers, show_progress), strict=True
+    ):
+        if outcome == "bad":
+            errors.append(DataError(**value))
             continue
-        except DroppedSample as e:
-            report.dropped.append({"id": e.sample_id, "reason": e.reason})
+        if outcome == "dropped":
+            report.dropped.append({"id": value[0], "reason": value[1]})
             continue
+        sample = value
         report.add(sample)
         kept.append(conv)
         if not lazy:

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from tuning.data.formats import ImageRef
 
@@ -66,6 +66,10 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"image {name} is too large to decode safely ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(
+            f"image {name} cannot be read: it is corrupt or not an image format Pillow knows"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"image {name} cannot be read: it is corrupt, truncated or not an image ({e})") from None
     return image.convert("RGB")
