@@ -195,3 +195,33 @@ def test_demo_in_headless_chromium_draws_the_answer_box(demo_server, grounding_a
         assert page.locator("#chatbot .bot-row img").count() == 1, chat_text  # the picture with the box drawn
         browser.close()
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def demo_model(tiny_vl):
+    from tuning.chat import Chat, load_for_chat
+    from tuning.demo import DemoModel
+
+    return DemoModel(Chat(*load_for_chat(str(tiny_vl))))
+
+
+def last_reply(demo_model, history, raw=()):
+    *_, (history, raw) = demo_model.respond(history, list(raw), "", 4, 0.0, 1.0)
+    return history, raw
+
+
+def test_failures_become_messages_and_the_next_question_is_answered(demo_model, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    history, raw = last_reply(
+        demo_model, [{"role": "user", "content": {"path": str(broken)}}, {"role": "user", "content": "what is this?"}]
+    )
+    assert history[-1]["content"].startswith("⚠️") and raw == [""]
+    history, raw = last_reply(demo_model, [{"role": "user", "content": "word " * 5000}])
+    assert "⚠️" in history[-1]["content"] and "clear the history" in history[-1]["content"]
+    picture = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64), "red").save(picture)
+    history, raw = last_reply(
+        demo_model, [{"role": "user", "content": {"path": str(picture)}}, {"role": "user", "content": "what is this?"}]
+    )
+    assert not history[-1]["content"].startswith("⚠️") and len(raw) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -118,3 +119,102 @@ def test_chat_interactive_session_over_stdin(tiny_vl):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(attached" in result.stdout and "(conversation cleared)" in result.stdout
     assert result.stdout.count("assistant> ") == 2
+
+
+def test_qlora_adapter_merges_into_the_unquantized_base(tmp_path):
+    from tuning.tiny import ensure_tiny
+
+    # Weights of a trained model's scale: nf4 rounding of the default tiny model's wide random weights (init
+    # 0.2) moves its logits by half their size, which says nothing about Q-LoRA on a real model.
+    tiny_text = ensure_tiny("text", tmp_path / "base", initializer_range=0.02)
+    adapter = tmp_path / "qlora"
+    train(
+        [
+            "--model_name_or_path",
+            str(tiny_text),
+            "--data_path",
+            str(DATA / "example_chatml.jsonl"),
+            "--output_dir",
+            str(adapter),
+            "--use_lora",
+            "True",
+            "--q_lora",
+            "True",
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "1e-2",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "True",
+        ]
+    )
+    result = merge(adapter, tmp_path / "merged", base=str(tiny_text))
+    assert result.max_logit_difference < 1e-4
+    # nf4 rounding makes the 4-bit model differ a little from the 16/32-bit merge; it is reported, and small
+    assert result.quantized_difference is not None and 0 < result.quantized_difference < 0.15
+    assert result.quantized_top1_agreement >= 0.9
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not getattr(merged, "is_quantized", False)
+
+
+def test_merge_errors_name_the_problem(vl_adapter, tiny_text, tmp_path):
+    from tuning.tiny import ensure_tiny
+
+    narrow = ensure_tiny("vl", tmp_path / "narrow", hidden_size=32)
+    with pytest.raises(MergeError, match="does not fit"):
+        merge(vl_adapter, tmp_path / "a", base=str(narrow))
+    moved = tmp_path / "moved-adapter"
+    moved.mkdir()
+    for f in vl_adapter.iterdir():
+        if f.is_file():
+            (moved / f.name).write_bytes(f.read_bytes())
+    config = (moved / "adapter_config.json").read_text().replace(str(vl_adapter.parent), "/nowhere")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/nowhere/base"
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match=r"missing .*pass --base"):
+        merge(moved, tmp_path / "b")
+
+
+def test_merge_refuses_a_quantized_base(vl_adapter, tiny_text, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantized = tmp_path / "nf4"
+    AutoModelForCausalLM.from_pretrained(
+        tiny_text, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    ).save_pretrained(quantized)
+    text_adapter = tmp_path / "text-lora"
+    train(
+        [
+            "--model_name_or_path",
+            str(tiny_text),
+            "--data_path",
+            str(DATA / "example_chatml.jsonl"),
+            "--output_dir",
+            str(text_adapter),
+            "--use_lora",
+            "True",
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "True",
+        ]
+    )
+    with pytest.raises(MergeError, match="quantized checkpoint"):
+        merge(text_adapter, tmp_path / "c", base=str(quantized))
+
+
+@pytest.mark.parametrize("bits", ["4", "8"])
+def test_chat_on_a_quantized_model(tiny_text, bits):
+    result = chat(str(tiny_text), "--bits", bits, "--prompt", "hello", "--max_new_tokens", "3")
+    assert result.returncode == 0, result.stderr[-2000:]

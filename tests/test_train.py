@@ -161,3 +161,35 @@ def test_arguments_from_a_yaml_file(tmp_path):
     config.write_text("output_dir: out\nlora_rank: 8\n")
     with pytest.raises(SystemExit, match=r"unknown arguments .*lora_rank"):
         parse_arguments([str(config)])
+
+
+def test_new_grounding_tokens_train_only_their_rows_and_survive_save_and_merge(tmp_path, tiny_vl):
+    from tuning.merge import merge
+
+    trainer, watch = run(tmp_path, tiny_vl, "--use_lora", "True", "--lora_r", "4", "--grounding_format", "qwen-vl")
+    token_params = {n for n in watch.trainable if "token_adapter" in n}
+    assert token_params and token_params <= watch.changed
+    assert not any(n.endswith(("embed_tokens.weight", "lm_head.weight")) for n in watch.trainable)
+
+    out = tmp_path / "out"
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(out).tokenizer
+    tag_ids = tokenizer.convert_tokens_to_ids(["<ref>", "</ref>", "<box>", "</box>"])
+    live = trainer.model.get_input_embeddings()
+    with torch.no_grad():
+        trained_rows = live(torch.tensor([tag_ids])).squeeze(0)
+        other = live(torch.tensor([[0, 100, 500]])).squeeze(0)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["trainable_token_indices"]["embed_tokens"]) == sorted(tag_ids)
+
+    result = merge(out, tmp_path / "merged")
+    assert result.max_logit_difference < 1e-4
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    embedding = merged.get_input_embeddings().weight
+    assert torch.allclose(embedding[tag_ids], trained_rows, atol=1e-6)
+    assert torch.allclose(embedding[[0, 100, 500]], other, atol=1e-6)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vl).get_input_embeddings().weight
+    assert torch.equal(embedding[[0, 100, 500]], base[[0, 100, 500]])  # the rows nobody trained stay as they were

@@ -44,10 +44,7 @@ def load_for_chat(model_path: str, adapter: str | None = None, bits: int | None 
     """(model, tokenizer, processor or None): the base, optionally quantized, with the adapter on top."""
     processing_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
     tokenizer, processor, _ = load_processing(processing_source, config_from=model_path)
-    options = LoadOptions(model_path, q_lora=bits == 4)
-    if bits == 8:
-        raise SystemExit("--bits 8 is not supported yet; use --bits 4")
-    model = load_model(options)
+    model = load_model(LoadOptions(model_path, q_lora=bits == 4, load_in_8bit=bits == 8))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     if adapter:
@@ -99,6 +96,14 @@ class Chat:
         )
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
+    def _check_length(self, prompt_tokens: int) -> None:
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and prompt_tokens + self.settings.max_new_tokens > limit:
+            raise ValueError(
+                f"the conversation is {prompt_tokens} tokens and {self.settings.max_new_tokens} more may be "
+                f"generated, over the model's {limit}: clear the history or send less"
+            )
+
     def user_message(self, text: str, images: list[Image.Image] | None = None) -> dict:
         if not images:
             return {"role": "user", "content": text}
@@ -120,6 +125,7 @@ class Chat:
         from transformers import TextIteratorStreamer
 
         inputs = self._inputs(messages)
+        self._check_length(inputs["input_ids"].shape[1])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         stop = [t for t in (self.tokenizer.eos_token, "<|endoftext|>") if t in self.tokenizer.get_vocab()]
         failure: list[BaseException] = []

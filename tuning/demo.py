@@ -130,6 +130,29 @@ class DemoModel:
         ]
         yield from self.chat.stream_reply(opened)
 
+    def respond(self, history: list, raw: list, system: str, max_new_tokens: int, temperature: float, top_p: float):
+        """Stream the answer to the last user turn into the history; any failure becomes a message in the chat,
+        and the server keeps serving."""
+        if not history or history[-1]["role"] != "user":
+            yield history, raw
+            return
+        messages = history_to_messages(history, raw)
+        settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
+        history = [*history, {"role": "assistant", "content": ""}]
+        answer = ""
+        try:
+            for answer in self.reply(messages, settings, system):
+                history[-1] = {"role": "assistant", "content": grounding.strip_tags(answer)}
+                yield history, raw
+            drawn = self.picture_with_boxes(answer, latest_image(messages), len(raw) + 1)
+        except Exception as e:  # whatever failed is shown in the page
+            history[-1] = {"role": "assistant", "content": f"⚠️ {type(e).__name__}: {e}"}
+            yield history, [*raw, ""]
+            return
+        if drawn:
+            history.append({"role": "assistant", "content": {"path": drawn}})
+        yield history, [*raw, answer]
+
     def picture_with_boxes(self, answer: str, image_path: str | None, turn: int) -> str | None:
         if image_path is None or not (grounding.has_grounding(answer) or "<|box_start|>" in answer):
             return None
@@ -158,28 +181,6 @@ def build_app(demo_model: DemoModel, title: str = "Multimodal chat"):
             history.append({"role": "user", "content": message["text"]})
         return gr.MultimodalTextbox(value=None), history, raw
 
-    def respond(history: list, raw: list, system: str, max_new_tokens: int, temperature: float, top_p: float):
-        if not history or history[-1]["role"] != "user":
-            yield history, raw
-            return
-        messages = history_to_messages(history, raw)
-        settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
-        history = [*history, {"role": "assistant", "content": ""}]
-        answer = ""
-        try:
-            for answer in demo_model.reply(messages, settings, system):
-                history[-1] = {"role": "assistant", "content": grounding.strip_tags(answer)}
-                yield history, raw
-        except Exception as e:  # shown in the page; the server keeps serving
-            history[-1] = {"role": "assistant", "content": f"⚠️ {type(e).__name__}: {e}"}
-            yield history, [*raw, ""]
-            return
-        raw = [*raw, answer]
-        drawn = demo_model.picture_with_boxes(answer, latest_image(messages), len(raw))
-        if drawn:
-            history.append({"role": "assistant", "content": {"path": drawn}})
-        yield history, raw
-
     def regenerate(history: list, raw: list):
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
@@ -207,10 +208,10 @@ def build_app(demo_model: DemoModel, title: str = "Multimodal chat"):
         settings = [system, max_new_tokens, temperature, top_p]
 
         box.submit(add_user_turn, [box, chatbot, raw_answers], [box, chatbot, raw_answers], queue=False).then(
-            respond, [chatbot, raw_answers, *settings], [chatbot, raw_answers]
+            demo_model.respond, [chatbot, raw_answers, *settings], [chatbot, raw_answers]
         )
         regenerate_button.click(regenerate, [chatbot, raw_answers], [chatbot, raw_answers], queue=False).then(
-            respond, [chatbot, raw_answers, *settings], [chatbot, raw_answers]
+            demo_model.respond, [chatbot, raw_answers, *settings], [chatbot, raw_answers]
         )
         clear_button.click(lambda: ([], []), None, [chatbot, raw_answers], queue=False)
     return app

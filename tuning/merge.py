@@ -35,7 +35,8 @@ class MergeError(Exception):
 class MergeResult:
     output: Path
     max_logit_difference: float | None
-    quantized_difference: float | None = None
+    quantized_difference: float | None = None  # relative to the largest logit
+    quantized_top1_agreement: float | None = None
     already_done: bool = False
 
 
@@ -97,6 +98,17 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest logit difference as a fraction of the largest logit."""
+    return max_difference(a, b) / max(float(x.abs().max()) for x in a)
+
+
+def top1_agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Share of positions where both models would pick the same next token."""
+    same = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b, strict=True))
+    return same / sum(x.shape[0] * x.shape[1] for x in a)
+
+
 def load_with_adapter(base: str, adapter: Path, dtype: torch.dtype, tokenizer, q_lora: bool = False):
     from peft import PeftModel
 
@@ -153,12 +165,18 @@ def merge(
                 f"the merged model differs from base+adapter by {difference:.3g} (> {TOLERANCE[torch_dtype]})"
             )
 
-    quantized_difference = None
+    quantized_difference = agreement = None
     if was_quantized(adapter):
         logger.info("the adapter was trained on a 4-bit base: merged into the unquantized %s in %s", base_model, dtype)
         quantized = load_with_adapter(base_model, adapter, torch_dtype, tokenizer, q_lora=True)
-        quantized_difference = max_difference(logits_on(quantized, inputs), logits_on(merged, inputs))
-        logger.info("merged vs 4-bit base+adapter: max logit difference %.3g", quantized_difference)
+        four_bit, full = logits_on(quantized, inputs), logits_on(merged, inputs)
+        quantized_difference, agreement = relative_difference(full, four_bit), top1_agreement(full, four_bit)
+        logger.info(
+            "merged vs 4-bit base+adapter (nf4 rounding of the base): max logit difference %.1f%% of the largest "
+            "logit, same next token at %.0f%% of positions",
+            100 * quantized_difference,
+            100 * agreement,
+        )
 
     if output.exists():
         shutil.rmtree(output)
@@ -170,10 +188,11 @@ def merge(
         "dtype": dtype,
         "adapter_fingerprint": fingerprint,
         "max_logit_difference": difference,
-        "quantized_difference": quantized_difference,
+        "quantized_relative_difference": quantized_difference,
+        "quantized_top1_agreement": agreement,
     }
     stamp.write_text(json.dumps(info, indent=2) + "\n")
-    return MergeResult(output, difference, quantized_difference)
+    return MergeResult(output, difference, quantized_difference, agreement)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ class LoadOptions:
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
     dtype: torch.dtype = torch.float32
-    q_lora: bool = False
+    q_lora: bool = False  # 4-bit nf4 with double quantisation
+    load_in_8bit: bool = False  # LLM.int8(), for inference (the chat command and the web demo)
     zero3: bool = False
     device_map: dict | str | None = None
 
@@ -59,10 +60,14 @@ def quantization_config(options: LoadOptions, config):
 
     existing = getattr(config, "quantization_config", None)
     method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+    if method is not None and method != "gptq":
+        return None
     if method == "gptq":
         # The default CPU kernel is inference-only; "auto_trainable" picks a kernel with a backward pass.
         backend = "auto" if torch.cuda.is_available() else "auto_trainable"
         return GPTQConfig(bits=existing.get("bits", 4) if isinstance(existing, dict) else 4, backend=backend)
+    if options.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
     if not options.q_lora:
         return None
     return BitsAndBytesConfig(
@@ -83,9 +88,11 @@ def load_model(options: LoadOptions):
     kwargs = {
         "dtype": options.dtype,
         "trust_remote_code": options.trust_remote_code,
-        "quantization_config": quantization_config(options, config),
         "use_safetensors": True,  # never unpickle weights
     }
+    # A checkpoint saved quantized (bitsandbytes, AWQ, ...) brings its own config; ours would clash with it.
+    if (quantization := quantization_config(options, config)) is not None:
+        kwargs["quantization_config"] = quantization
     if options.attn_implementation:
         kwargs["attn_implementation"] = options.attn_implementation
     if options.device_map is not None and not options.zero3:
