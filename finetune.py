@@ -38,6 +38,7 @@ from tuning.model import (
 )
 from tuning.train import (
     LossPlotCallback,
+    RestoreFullWeights,
     ThroughputCallback,
     resolve_resume,
     save_final,
@@ -159,6 +160,13 @@ def collator_for(model, tokenizer, packing: bool):
     return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
 
 
+def standard_callbacks(training_args, resume: str | None) -> list:
+    callbacks = [ThroughputCallback(training_args.world_size), LossPlotCallback()]
+    if resume and not training_args.use_lora and not training_args.deepspeed:  # DeepSpeed restores its own way
+        callbacks.append(RestoreFullWeights(resume))
+    return callbacks
+
+
 def is_zero3(training_args) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -239,6 +247,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
             token_ids,
             quantized=lora_args.q_lora or getattr(model, "is_quantized", False),
             checkpointing=training_args.gradient_checkpointing,
+            zero3=zero3,
         )
     else:
         set_trainable(model, model_args.fix_vit, model_args.tune_projector)
@@ -257,7 +266,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator_for(model, tokenizer, data_args.packing),
-        callbacks=[ThroughputCallback(training_args.world_size), LossPlotCallback(), *callbacks],
+        callbacks=[*standard_callbacks(training_args, resume), *callbacks],
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
     trainer.train(resume_from_checkpoint=resume)

@@ -139,26 +139,37 @@ def set_trainable(model: nn.Module, fix_vit: bool, tune_projector: bool) -> None
             param.requires_grad = True
 
 
-def lora_target_regex(model: nn.Module, targets: list[str] | None, include_vision: bool) -> str:
-    """A PEFT target regex: the named (or all) linear layers of the language model, not the output head,
-    and not the vision tower unless asked."""
+def lora_target_regex(
+    model: nn.Module, targets: list[str] | None, include_vision: bool, include_projector: bool = False
+) -> str:
+    """A PEFT target regex naming exactly the chosen linear layers: the named (or all) linear layers of the
+    language model, never the output head, the vision tower only if asked, the projector only if asked
+    (it is usually trained in full instead). Layer numbers become \\d+ so the regex stays short."""
     towers, projectors = vision_parts(model)
-    excluded = [*projectors, *OUTPUT_HEADS] + ([] if include_vision else towers)
-    linear_leaves = set()
-    for name, module in model.named_modules():
-        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in QUANTIZED_LINEARS
-        if is_linear and not any(name == e or name.startswith(e + ".") for e in excluded):
-            linear_leaves.add(name.rsplit(".", 1)[-1])
-    wanted = sorted(linear_leaves) if not targets or targets == ["all-linear"] else targets
-    missing = [t for t in wanted if t not in linear_leaves]
-    if missing:
+
+    def allowed(name: str) -> bool:
+        if name.rsplit(".", 1)[-1] in OUTPUT_HEADS:
+            return False
+        if any(name == p or name.startswith(p + ".") for p in projectors):
+            return include_projector
+        if any(name.startswith(t + ".") for t in towers):
+            return include_vision
+        return True
+
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or type(module).__name__ in QUANTIZED_LINEARS) and allowed(name)
+    ]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    wanted = leaves if not targets or targets == ["all-linear"] else targets
+    if missing := [t for t in wanted if t not in leaves]:
         raise ValueError(
-            f"--lora_target_modules {' '.join(missing)} not found among the model's linear layers "
-            f"({', '.join(sorted(linear_leaves))})"
+            f"--lora_target_modules {' '.join(missing)} not found among the model's linear layers ({', '.join(leaves)})"
         )
-    skip = "|".join(re.escape(e) for e in excluded)
-    leaves = "|".join(re.escape(t) for t in wanted)
-    return rf"^(?!(?:{skip})(?:\.|$)).*\.(?:{leaves})$" if skip else rf".*\.(?:{leaves})$"
+    chosen = [name for name in linears if name.rsplit(".", 1)[-1] in wanted]
+    patterns = sorted({re.sub(r"\\.\d+\\.", r"\\.\\d+\\.", re.escape(name)) for name in chosen})
+    return "^(?:" + "|".join(patterns) + ")$"
 
 
 def untrained_token_ids(model: nn.Module, tokenizer, candidates: list[str], added: list[str]) -> list[int]:
@@ -220,8 +231,18 @@ class LoraOptions:
     tune_projector: bool = True
 
 
-def attach_lora(model: nn.Module, options: LoraOptions, token_ids: list[int], quantized: bool, checkpointing: bool):
-    """Wrap the model with LoRA; the projector (if tuned) as a full copy, new token rows as trainable rows."""
+def attach_lora(
+    model: nn.Module,
+    options: LoraOptions,
+    token_ids: list[int],
+    quantized: bool,
+    checkpointing: bool,
+    zero3: bool = False,
+):
+    """Wrap the model with LoRA; the projector (if tuned) as a full copy, new token rows as trainable rows.
+
+    Under ZeRO-3 PEFT cannot copy a partitioned module for modules_to_save, so a tuned projector gets LoRA
+    on its linear layers instead."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -236,13 +257,17 @@ def attach_lora(model: nn.Module, options: LoraOptions, token_ids: list[int], qu
         logger.info("starting from the adapter in %s", options.weight_path)
         return PeftModel.from_pretrained(model, options.weight_path, is_trainable=True)
     _, projectors = vision_parts(model)
-    modules_to_save = [p.rsplit(".", 1)[-1] for p in projectors] if options.tune_projector and projectors else None
+    full_projector = options.tune_projector and bool(projectors) and not zero3
+    if options.tune_projector and projectors and zero3:
+        logger.info("ZeRO-3: the projector trains through LoRA on its linear layers, not as a full copy")
+    modules_to_save = [p.rsplit(".", 1)[-1] for p in projectors] if full_projector else None
+    lora_projector = options.tune_projector and bool(projectors) and zero3
     config = LoraConfig(
         r=options.r,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         bias=options.bias,
-        target_modules=lora_target_regex(model, options.target_modules, options.include_vision),
+        target_modules=lora_target_regex(model, options.target_modules, options.include_vision, lora_projector),
         modules_to_save=modules_to_save,
         trainable_token_indices={embedding_module_name(model): token_ids} if token_ids else None,
         use_dora=options.use_dora,

@@ -34,6 +34,25 @@ def resolve_resume(output_dir: str, resume: str | None, overwrite: bool) -> str 
     return None
 
 
+class RestoreFullWeights(TrainerCallback):
+    """Resuming a full fine-tune: put the checkpoint's weights into the model through from_pretrained.
+
+    transformers 5 saves checkpoints under the hub's original key names (model.layers.0...) but the
+    Trainer's resume loads them into the live model (model.language_model.layers.0...) with a non-strict
+    load_state_dict: for Qwen-VL models nothing of the language model was restored, silently, and the
+    resumed run trained on from the initial weights (step 5 loss 9.16 instead of 8.99).
+    """
+
+    def __init__(self, checkpoint: str):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        restored = type(model).from_pretrained(self.checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(restored.state_dict(), strict=True)
+        del restored
+        logger.info("restored the full weights of %s (with the key conversion the Trainer skips)", self.checkpoint)
+
+
 class ThroughputCallback(TrainerCallback):
     """Logs real (non-padding) tokens per second per device beside the loss."""
 

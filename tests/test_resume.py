@@ -1,0 +1,140 @@
+"""Resuming reproduces the uninterrupted run; DeepSpeed honours the scheduler; ZeRO-3 saves whole adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+
+import pytest
+from safetensors.torch import load_file
+
+from finetune import train
+from tests.conftest import DATA, PYTHON, REPO, run_env
+
+pytestmark = pytest.mark.slow
+DATA_ARGS = ["--data_path", str(DATA / "example.json"), str(DATA / "example_openai.jsonl")]  # 5 samples
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finetune(out, model, *flags, deepspeed: str | None = None) -> dict:
+    args = [
+        "--model_name_or_path",
+        str(model),
+        *DATA_ARGS,
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--disable_tqdm",
+        "True",
+        "--logging_steps",
+        "1",
+        *flags,
+    ]
+    if deepspeed is None:
+        train(args)
+    else:
+        command = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            str(free_port()),
+            "finetune.py",
+            *args,
+            "--deepspeed",
+            deepspeed,
+        ]
+        result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / "trainer_state.json").read_text())
+
+
+def losses(state: dict) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+RESUME_CASES = [
+    ("lora", ["--use_lora", "True", "--lora_r", "4"], None),
+    ("full", [], None),
+    ("lora-zero2", ["--use_lora", "True", "--lora_r", "4"], "ds_config_zero2.json"),
+    ("full-zero2", [], "ds_config_zero2.json"),
+]
+
+
+@pytest.mark.parametrize(("name", "flags", "deepspeed"), RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, tiny_vl, name, flags, deepspeed):
+    if deepspeed:
+        pytest.importorskip("deepspeed")
+    common = [*flags, "--max_steps", "7", "--save_steps", "4", "--lr_scheduler_type", "cosine"]
+    whole = losses(finetune(tmp_path / "whole", tiny_vl, *common, deepspeed=deepspeed))
+    checkpoint = tmp_path / "whole" / "checkpoint-4"
+    assert checkpoint.is_dir()
+    resumed = losses(
+        finetune(
+            tmp_path / "resumed", tiny_vl, *common, "--resume_from_checkpoint", str(checkpoint), deepspeed=deepspeed
+        )
+    )
+    assert sorted(resumed) == sorted(whole) == list(range(1, 8))  # 1-4 come from the checkpoint's state
+    for step in (5, 6, 7):  # trained again after the resume, from mid-epoch (5 samples per epoch)
+        assert abs(resumed[step] - whole[step]) < 1e-5, (step, resumed[step], whole[step])
+
+
+@pytest.mark.distributed
+def test_deepspeed_follows_the_cosine_schedule(tmp_path, tiny_vl):
+    flags = [
+        "--use_lora",
+        "True",
+        "--lora_r",
+        "4",
+        "--max_steps",
+        "10",
+        "--warmup_steps",
+        "2",
+        "--lr_scheduler_type",
+        "cosine",
+        "--save_strategy",
+        "no",
+    ]
+    state = finetune(tmp_path / "ds", tiny_vl, *flags, deepspeed="ds_config_zero2.json")
+    rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
+    # transformers' cosine with 2 warmup steps, as the Trainer logs it (the rate used for each step)
+    expected = [1e-3 * s / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(10)]
+    assert rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.distributed
+def test_zero3_lora_saves_a_complete_adapter(tmp_path, tiny_vl):
+    out = tmp_path / "z3"
+    finetune(
+        out,
+        tiny_vl,
+        "--use_lora",
+        "True",
+        "--lora_r",
+        "4",
+        "--max_steps",
+        "3",
+        "--save_strategy",
+        "no",
+        "--learning_rate",
+        "1e-2",
+        deepspeed="ds_config_zero3.json",
+    )
+    tensors = load_file(out / "adapter_model.safetensors")
+    lora = {k: v for k, v in tensors.items() if "lora_" in k}
+    assert lora and all(v.numel() > 0 for v in tensors.values())
+    assert all(v.shape[0] == 4 for k, v in lora.items() if "lora_A" in k)
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained away from the zero init
+    assert any("merger" in k and v.numel() > 0 for k, v in tensors.items())  # the projector copy is whole too
