@@ -39,6 +39,7 @@ from tuning.model import (
 from tuning.train import (
     LossPlotCallback,
     RestoreFullWeights,
+    SampleGenerationCallback,
     ThroughputCallback,
     resolve_resume,
     save_final,
@@ -81,6 +82,14 @@ class TrainingArguments(transformers.TrainingArguments):
         default="non_padding", metadata={"help": "Count real tokens, for the tokens/s log."}
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    sample_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts answered every --sample_steps steps into the log and samples.jsonl; "
+            "'PATH::question' attaches a picture."
+        },
+    )
+    sample_steps: int = field(default=100, metadata={"help": "How often the sample prompts are answered."})
 
 
 @dataclass
@@ -116,6 +125,8 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
         problems.append("--lora_weight_path needs --use_lora True")
     if lora_args.lora_vision and model_args.fix_vit and not training_args.use_lora:
         problems.append("--lora_vision True has no effect without --use_lora True")
+    if training_args.sample_prompts and lora_args.q_lora:
+        problems.append("--sample_prompts does not work with --q_lora (a 4-bit model's eval forward breaks training)")
     if lora_args.lora_r <= 0:
         problems.append(f"--lora_r must be positive, got {lora_args.lora_r}")
     return problems
@@ -135,6 +146,8 @@ def parse_arguments(argv: list[str]):
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         values = vars(namespace)
+    if values.get("eval_data_path") and values.get("eval_strategy") in (None, "no"):
+        values["eval_strategy"] = "steps"  # eval data given means evaluate, at --eval_steps (or logging steps)
     built, problems = [], []
     for group in groups:
         names = {f.name for f in fields(group) if f.init}
@@ -160,8 +173,12 @@ def collator_for(model, tokenizer, packing: bool):
     return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
 
 
-def standard_callbacks(training_args, resume: str | None) -> list:
+def standard_callbacks(training_args, resume: str | None, tokenizer, processor) -> list:
     callbacks = [ThroughputCallback(training_args.world_size), LossPlotCallback()]
+    if training_args.sample_prompts:
+        callbacks.append(
+            SampleGenerationCallback(training_args.sample_prompts, training_args.sample_steps, tokenizer, processor)
+        )
     if resume and not training_args.use_lora and not training_args.deepspeed:  # DeepSpeed restores its own way
         callbacks.append(RestoreFullWeights(resume))
     return callbacks
@@ -266,7 +283,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator_for(model, tokenizer, data_args.packing),
-        callbacks=[*standard_callbacks(training_args, resume), *callbacks],
+        callbacks=[*standard_callbacks(training_args, resume, tokenizer, processor), *callbacks],
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
     trainer.train(resume_from_checkpoint=resume)

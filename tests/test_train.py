@@ -193,3 +193,48 @@ def test_new_grounding_tokens_train_only_their_rows_and_survive_save_and_merge(t
     assert torch.allclose(embedding[[0, 100, 500]], other, atol=1e-6)
     base = AutoModelForImageTextToText.from_pretrained(tiny_vl).get_input_embeddings().weight
     assert torch.equal(embedding[[0, 100, 500]], base[[0, 100, 500]])  # the rows nobody trained stay as they were
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "qwen3-vl"])
+def test_lora_on_other_qwen_vl_families(tmp_path, kind):
+    from tuning.tiny import ensure_tiny
+
+    _, watch = run(tmp_path, ensure_tiny(kind), "--use_lora", "True", "--lora_r", "4")
+    assert watch.trainable and watch.changed == watch.trainable
+    assert not any("visual" in n and "merger" not in n for n in watch.trainable)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_loss_and_sample_answers_during_training(tmp_path, tiny_vl):
+    trainer, _ = run(
+        tmp_path,
+        tiny_vl,
+        "--use_lora",
+        "True",
+        "--lora_r",
+        "4",
+        "--eval_data_path",
+        str(DATA / "example_openai.jsonl"),
+        "--eval_steps",
+        "2",
+        "--sample_steps",
+        "2",
+        "--sample_prompts",
+        "你好",
+        f"{DATA / 'images' / 'dog.png'}::What is this?",
+    )
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [
+        (2, "你好"),
+        (2, "What is this?"),
+        (4, "你好"),
+        (4, "What is this?"),
+    ]
+    assert samples[1]["image"].endswith("dog.png")
+
+
+def test_tensorboard_logs_when_asked(tmp_path, tiny_text):
+    run(tmp_path, tiny_text, "--report_to", "tensorboard", data=DATA / "example_chatml.jsonl")
+    assert list((tmp_path / "out").rglob("events.out.tfevents.*"))

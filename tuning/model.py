@@ -231,6 +231,20 @@ class LoraOptions:
     tune_projector: bool = True
 
 
+def projector_modules(model: nn.Module, projectors: list[str]) -> list[str]:
+    """Names PEFT can copy for modules_to_save: a ModuleList (Qwen3-VL's deepstack mergers) by its items."""
+    modules = dict(model.named_modules())
+    names = []
+    for prefix in projectors:
+        leaf = prefix.rsplit(".", 1)[-1]
+        module = modules[prefix]
+        if isinstance(module, nn.ModuleList):
+            names += [f"{leaf}.{i}" for i in range(len(module))]
+        else:
+            names.append(leaf)
+    return names
+
+
 def attach_lora(
     model: nn.Module,
     options: LoraOptions,
@@ -260,7 +274,7 @@ def attach_lora(
     full_projector = options.tune_projector and bool(projectors) and not zero3
     if options.tune_projector and projectors and zero3:
         logger.info("ZeRO-3: the projector trains through LoRA on its linear layers, not as a full copy")
-    modules_to_save = [p.rsplit(".", 1)[-1] for p in projectors] if full_projector else None
+    modules_to_save = projector_modules(model, projectors) if full_projector else None
     lora_projector = options.tune_projector and bool(projectors) and zero3
     config = LoraConfig(
         r=options.r,

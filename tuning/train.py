@@ -99,6 +99,45 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
     return path
 
 
+class SampleGenerationCallback(TrainerCallback):
+    """Answers a fixed list of prompts every N steps, into the log and samples.jsonl (XTuner's EvaluateChatHook).
+
+    A prompt "PATH::question" comes with that picture. Generation is greedy and shares tuning.chat's code."""
+
+    def __init__(self, prompts: list[str], every: int, tokenizer, processor, max_new_tokens: int = 64):
+        self.prompts = [self._parse(p) for p in prompts]
+        self.every, self.tokenizer, self.processor, self.max_new_tokens = every, tokenizer, processor, max_new_tokens
+
+    @staticmethod
+    def _parse(prompt: str) -> tuple[str | None, str]:
+        path, sep, question = prompt.partition("::")
+        return (path, question) if sep else (None, prompt)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.generate(args, state, model)
+
+    def generate(self, args, state, model) -> None:
+        if not state.is_world_process_zero:
+            return
+        from PIL import Image
+
+        from tuning.chat import Chat, GenerationSettings
+
+        was_training = model.training
+        model.eval()
+        chat = Chat(model, self.tokenizer, self.processor, settings=GenerationSettings(self.max_new_tokens))
+        with open(Path(args.output_dir) / "samples.jsonl", "a", encoding="utf-8") as out:
+            for path, question in self.prompts:
+                chat.reset()
+                images = [Image.open(path).convert("RGB")] if path else None
+                answer = chat.ask(question, images)
+                logger.info("step %d sample: %s -> %r", state.global_step, question, answer)
+                line = {"step": state.global_step, "image": path, "prompt": question, "answer": answer}
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        model.train(was_training)
+
+
 class LossPlotCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
