@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 import transformers
 from transformers import HfArgumentParser, Trainer
 
@@ -132,6 +133,28 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
     return problems
 
 
+def deepspeed_state_on_cpu() -> dict:
+    """Set up accelerate's state for DeepSpeed over gloo, for TrainingArguments to use as it is.
+
+    Left to itself, TrainingArguments gives accelerate no backend for DeepSpeed on a machine without GPUs;
+    accelerate then counts every rank as rank 0 of 1, and ZeRO fails its batch-size check with 2 ranks."""
+    from accelerate import PartialState
+
+    if "LOCAL_RANK" not in os.environ:  # plain `python finetune.py --deepspeed ...`: a one-process group
+        defaults = {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29511",
+        }
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return {"use_configured_state": True}
+
+
 def parse_arguments(argv: list[str]):
     """The four argument groups. Every problem is collected, the Trainer's own checks included, and
     reported at once before anything is loaded."""
@@ -146,6 +169,13 @@ def parse_arguments(argv: list[str]):
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         values = vars(namespace)
+    if not torch.cuda.is_available() and values.get("deepspeed"):
+        values["accelerator_config"] = deepspeed_state_on_cpu()
+    if not torch.cuda.is_available() and not values.get("deepspeed"):
+        # Without it transformers treats torchrun ranks on a CPU machine as separate single-process runs: every
+        # rank trained on the same samples and wrote the same folder. With it, gloo DDP. (DeepSpeed sets up its
+        # own CPU accelerator, and use_cpu would switch DeepSpeed off.)
+        values["use_cpu"] = True
     if values.get("eval_data_path") and values.get("eval_strategy") in (None, "no"):
         values["eval_strategy"] = "steps"  # eval data given means evaluate, at --eval_steps (or logging steps)
     built, problems = [], []
@@ -233,12 +263,12 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
     model = load_model(
         LoadOptions(
             model_args.model_name_or_path,
-            model_args.trust_remote_code,
-            model_args.attn_implementation,
-            dtype,
-            lora_args.q_lora,
-            zero3,
-            device_map,
+            trust_remote_code=model_args.trust_remote_code,
+            attn_implementation=model_args.attn_implementation,
+            dtype=dtype,
+            q_lora=lora_args.q_lora,
+            zero3=zero3,
+            device_map=device_map,
         )
     )
     resize_for_tokenizer(model, tokenizer)
@@ -250,16 +280,16 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
         model = attach_lora(
             model,
             LoraOptions(
-                lora_args.lora_r,
-                lora_args.lora_alpha,
-                lora_args.lora_dropout,
-                lora_args.lora_bias,
-                lora_args.lora_target_modules,
-                lora_args.lora_weight_path,
-                lora_args.use_dora,
-                lora_args.use_rslora,
-                lora_args.lora_vision,
-                model_args.tune_projector,
+                r=lora_args.lora_r,
+                alpha=lora_args.lora_alpha,
+                dropout=lora_args.lora_dropout,
+                bias=lora_args.lora_bias,
+                target_modules=lora_args.lora_target_modules,
+                weight_path=lora_args.lora_weight_path,
+                use_dora=lora_args.use_dora,
+                use_rslora=lora_args.use_rslora,
+                include_vision=lora_args.lora_vision,
+                tune_projector=model_args.tune_projector,
             ),
             token_ids,
             quantized=lora_args.q_lora or getattr(model, "is_quantized", False),

@@ -129,14 +129,15 @@ def set_trainable(model: nn.Module, fix_vit: bool, tune_projector: bool) -> None
     """Full fine-tuning: the language model trains; the vision tower unless fixed; the projector by flag."""
     towers, projectors = vision_parts(model)
     for name, param in model.named_parameters():
-        in_projector = any(name.startswith(p + ".") for p in projectors)
-        in_tower = any(name.startswith(t + ".") for t in towers)
-        if in_projector:
-            param.requires_grad = tune_projector
-        elif in_tower:
-            param.requires_grad = not fix_vit
+        if any(name.startswith(p + ".") for p in projectors):
+            wanted = tune_projector
+        elif any(name.startswith(t + ".") for t in towers):
+            wanted = not fix_vit
         else:
-            param.requires_grad = True
+            wanted = True
+        # Integer tensors cannot train (and refuse even a no-op change): quantized storage, ZeRO-3 bookkeeping.
+        if param.requires_grad != wanted and (param.is_floating_point() or param.is_complex()):
+            param.requires_grad = wanted
 
 
 def lora_target_regex(

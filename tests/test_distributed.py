@@ -1,0 +1,104 @@
+"""Two processes on the CPU (gloo): DDP, DeepSpeed ZeRO-2/3 and FSDP finish and save loadable results,
+and two processes give the loss curve of one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import DATA, PYTHON, REPO, run_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+DATA_ARGS = ["--data_path", str(DATA / "example_chatml.jsonl"), str(DATA / "example_pretrain.jsonl")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(processes: int, out, model, *flags) -> dict:
+    command = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        "finetune.py",
+        "--model_name_or_path",
+        str(model),
+        *DATA_ARGS,
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "True",
+        "--save_strategy",
+        "no",
+        *flags,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / "trainer_state.json").read_text())
+
+
+def losses(state: dict) -> list[float]:
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def assert_loadable(out, tiny_text, lora: bool) -> None:
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_text), out)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+LORA = ["--use_lora", "True", "--lora_r", "4"]
+ENGINES = [
+    ("ddp-lora", LORA),
+    ("zero2-lora", [*LORA, "--deepspeed", "ds_config_zero2.json"]),
+    ("zero3-full", ["--deepspeed", "ds_config_zero3.json"]),
+    ("zero3-lora", [*LORA, "--deepspeed", "ds_config_zero3.json"]),
+    (
+        "fsdp-full",
+        ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}'],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "flags"), ENGINES, ids=[e[0] for e in ENGINES])
+def test_two_processes_train_and_save_a_loadable_result(tmp_path, tiny_text, name, flags):
+    state = torchrun(2, tmp_path / name, tiny_text, "--max_steps", "3", *flags)
+    assert len(losses(state)) == 3
+    assert_loadable(tmp_path / name, tiny_text, lora="--use_lora" in flags)
+
+
+# No dropout: its masks come from each rank's own random stream, so they differ between the two layouts.
+EXACT_LORA = [*LORA, "--lora_dropout", "0"]
+PARITY = [("ddp", EXACT_LORA), ("zero2", [*EXACT_LORA, "--deepspeed", "ds_config_zero2.json"])]
+
+
+@pytest.mark.parametrize(("name", "flags"), PARITY, ids=[p[0] for p in PARITY])
+def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_text, name, flags):
+    two = losses(torchrun(2, tmp_path / "two", tiny_text, "--max_steps", "4", *flags))
+    one = losses(
+        torchrun(1, tmp_path / "one", tiny_text, "--max_steps", "4", "--gradient_accumulation_steps", "2", *flags)
+    )
+    assert two == pytest.approx(one, abs=1e-4)
