@@ -30,6 +30,7 @@ from tuning.model import (
     attach_lora,
     compute_dtype,
     count_parameters,
+    is_vision_language,
     load_model,
     load_processing,
     resize_for_tokenizer,
@@ -259,7 +260,8 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
         logger.info(eval_report.summary())
 
     dtype = compute_dtype(training_args.bf16, training_args.fp16)
-    device_map = {"": training_args.local_process_index} if lora_args.q_lora and training_args.n_gpu else None
+    # n_gpu reads 1 under DeepSpeed on a CPU machine: ask torch whether there is a GPU to place the 4-bit model on
+    device_map = {"": training_args.local_process_index} if lora_args.q_lora and torch.cuda.is_available() else None
     model = load_model(
         LoadOptions(
             model_args.model_name_or_path,
@@ -299,6 +301,9 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
     else:
         set_trainable(model, model_args.fix_vit, model_args.tune_projector)
     logger.info("parameters: %s", count_parameters(model))
+    if training_args.ddp_find_unused_parameters is None and is_vision_language(model.config):
+        # Text-only batches leave the vision tower out of the graph: DDP must not wait for its gradients.
+        training_args.ddp_find_unused_parameters = True
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 

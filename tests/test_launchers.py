@@ -35,11 +35,32 @@ def test_missing_data_and_unknown_model_fail_before_training(tmp_path):
     assert not_a_model.returncode == 2 and "without config.json" in not_a_model.stderr
 
 
+LAUNCHERS = [
+    "finetune_lora_ds.sh",
+    "finetune_ds.sh",
+    "finetune_lora_single_gpu.sh",
+    "finetune_qlora_ds.sh",
+    "finetune_qlora_single_gpu.sh",
+    "finetune.sh",
+]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_lora_deepspeed_launcher_runs_with_defaults(tmp_path, tiny_vl):
-    out = tmp_path / "lora"
-    result = launch("finetune_lora_ds.sh", "-o", str(out), "--num_train_epochs", "1", "--save_strategy", "no")
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_each_launcher_runs_with_no_arguments(tmp_path, tiny_vl, script):
+    out = tmp_path / "out"
+    result = launch(script, OUTPUT_DIR=str(out))  # the output folder as a variable: no arguments at all
     assert result.returncode == 0, result.stderr[-3000:]
     assert "+ " in result.stderr and "torch.distributed.run" in result.stderr  # the command is printed
-    assert (out / "adapter_model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    assert (out / "processor_config.json").is_file() and (out / "loss.png").is_file()
+    from transformers import AutoModelForImageTextToText
+
+    if (out / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_vl), out)
+        assert "lora" in script
+    else:
+        AutoModelForImageTextToText.from_pretrained(out)
+        assert "lora" not in script

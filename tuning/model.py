@@ -77,6 +77,8 @@ def quantization_config(options: LoadOptions, config):
         bnb_4bit_compute_dtype=options.dtype,
         # ZeRO-3 shards parameters by dtype; a float storage type lets it shard the packed 4-bit weights.
         bnb_4bit_quant_storage=torch.float32 if options.zero3 else torch.uint8,
+        # The vision side stays in full precision: it is small, and its projector trains in full.
+        llm_int8_skip_modules=[rf".*{name}" for name in (*VISION_TOWERS, *PROJECTORS)] + list(OUTPUT_HEADS),
     )
 
 
@@ -97,6 +99,8 @@ def load_model(options: LoadOptions):
         kwargs["attn_implementation"] = options.attn_implementation
     if options.device_map is not None and not options.zero3:
         kwargs["device_map"] = options.device_map
+    elif kwargs.get("quantization_config") is not None and not torch.cuda.is_available() and not options.zero3:
+        kwargs["device_map"] = {"": "cpu"}  # else the quantizer looks for the GPU of the launcher's local rank
     model = model_class.from_pretrained(options.model_name_or_path, **kwargs)
     set_use_cache(model, False)  # a cache defeats packed-sequence masks and wastes memory in training
     return model
