@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -64,3 +65,15 @@ def test_each_launcher_runs_with_no_arguments(tmp_path, tiny_vl, script):
     else:
         AutoModelForImageTextToText.from_pretrained(out)
         assert "lora" not in script
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gpus_per_node_starts_that_many_processes(tmp_path, tiny_vl):
+    out = tmp_path / "two"
+    result = launch("finetune.sh", "-o", str(out), "--num_train_epochs", "1", "--use_lora", "True", GPUS_PER_NODE="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--nproc_per_node 2" in result.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    # 3 samples, batch 1 per process, 8 accumulation steps: one optimizer step with two ranks sharing the data
+    assert state["global_step"] == 1 and (out / "adapter_model.safetensors").is_file()
