@@ -151,7 +151,7 @@ def vision_task(vl_model: str) -> dict:
         adapter,
         *TRAIN_FLAGS,
         "--num_train_epochs",
-        "2",
+        "3",
         "--per_device_train_batch_size",
         "1",
     )
