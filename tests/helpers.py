@@ -49,3 +49,36 @@ def supervised_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[
         else:
             runs.append(([token], supervised))
     return [(tokenizer.decode(ids), supervised) for ids, supervised in runs]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_finetune(processes: int, args: list[str], timeout: int = 900) -> None:
+    """finetune.py under torchrun with `processes` ranks; fails the test with the end of stderr."""
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO, run_env
+
+    command = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        "finetune.py",
+        *args,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def trainer_state(out: Path) -> dict:
+    return json.loads((out / "trainer_state.json").read_text())

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import PYTHON, REPO, run_env
+from tests.helpers import free_port
 from tuning.data.grounding import Box, find_boxes, strip_tags
 from tuning.demo import draw_boxes, history_to_messages, latest_image
 
@@ -66,12 +66,6 @@ def test_answers_in_every_convention_give_boxes_and_clean_text():
     assert strip_tags("It is <ref>a dog</ref><box>(10,20),(30,40)</box>.") == "It is a dog."
     assert strip_tags(answer) == "the shirt"
     assert strip_tags("<|object_ref_start|>cut off<|box_start|>(1,") == "cut off(1,"  # malformed: no tag shows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

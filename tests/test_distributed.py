@@ -3,36 +3,19 @@ and two processes give the loss curve of one process with the same global batch.
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import DATA, PYTHON, REPO, run_env
+from tests.conftest import DATA
+from tests.helpers import torchrun_finetune, trainer_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 DATA_ARGS = ["--data_path", str(DATA / "example_chatml.jsonl"), str(DATA / "example_pretrain.jsonl")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(processes: int, out, model, *flags) -> dict:
-    command = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(processes),
-        "--master_port",
-        str(free_port()),
-        "finetune.py",
+    args = [
         "--model_name_or_path",
         str(model),
         *DATA_ARGS,
@@ -50,9 +33,8 @@ def torchrun(processes: int, out, model, *flags) -> dict:
         "no",
         *flags,
     ]
-    result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((out / "trainer_state.json").read_text())
+    torchrun_finetune(processes, args)
+    return trainer_state(out)
 
 
 def losses(state: dict) -> list[float]:

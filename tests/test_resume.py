@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
-import socket
-import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
 from finetune import train
-from tests.conftest import DATA, PYTHON, REPO, run_env
+from tests.conftest import DATA
+from tests.helpers import torchrun_finetune, trainer_state
 
 pytestmark = pytest.mark.slow
 DATA_ARGS = ["--data_path", str(DATA / "example.json"), str(DATA / "example_openai.jsonl")]  # 5 samples
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finetune(out, model, *flags, deepspeed: str | None = None) -> dict:
@@ -43,22 +35,8 @@ def finetune(out, model, *flags, deepspeed: str | None = None) -> dict:
     if deepspeed is None:
         train(args)
     else:
-        command = [
-            PYTHON,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "1",
-            "--master_port",
-            str(free_port()),
-            "finetune.py",
-            *args,
-            "--deepspeed",
-            deepspeed,
-        ]
-        result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((out / "trainer_state.json").read_text())
+        torchrun_finetune(1, [*args, "--deepspeed", deepspeed], timeout=600)
+    return trainer_state(out)
 
 
 def losses(state: dict) -> dict[int, float]:
