@@ -23,7 +23,7 @@ from transformers import HfArgumentParser, Trainer
 
 from tuning.data.args import DataArguments, merge_repeated_flags
 from tuning.data.collate import FlatteningCollator, PaddingCollator
-from tuning.data.dataset import build_dataset
+from tuning.data.dataset import build_dataset, sample_to_features
 from tuning.model import (
     LoadOptions,
     LoraOptions,
@@ -198,10 +198,14 @@ def parse_arguments(argv: list[str]):
     return built
 
 
-def collator_for(model, tokenizer, packing: bool):
-    if packing:
-        return FlatteningCollator(rope_index=rope_index_fn(model))
-    return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+def collator_for(model, tokenizer, encoder, packing: bool, world_size: int):
+    if not packing:
+        return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+    placeholder = None
+    if world_size > 1 and encoder.image_processor is not None:
+        # ranks must reduce the same parameters: a rank whose batch has no picture would leave the projector out
+        placeholder = sample_to_features(encoder.placeholder_image_sample())
+    return FlatteningCollator(rope_index=rope_index_fn(model), placeholder=placeholder)
 
 
 def standard_callbacks(training_args, resume: str | None, tokenizer, processor) -> list:
@@ -317,7 +321,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=collator_for(model, tokenizer, data_args.packing),
+        data_collator=collator_for(model, tokenizer, encoder, data_args.packing, training_args.world_size),
         callbacks=[*standard_callbacks(training_args, resume, tokenizer, processor), *callbacks],
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout

@@ -69,6 +69,15 @@ def test_each_launcher_runs_with_no_arguments(tmp_path, tiny_vl, script):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_zero2_with_two_ranks_on_a_vl_model_and_picture_less_batches(tmp_path, tiny_vl):
+    out = tmp_path / "zero2"
+    result = launch("finetune_lora_ds.sh", "-o", str(out), "--num_train_epochs", "1", GPUS_PER_NODE="2")
+    assert result.returncode == 0, result.stderr[-3000:]  # identity_0 has no picture: one rank's batch is text only
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_gpus_per_node_starts_that_many_processes(tmp_path, tiny_vl):
     out = tmp_path / "two"
     result = launch("finetune.sh", "-o", str(out), "--num_train_epochs", "1", "--use_lora", "True", GPUS_PER_NODE="2")

@@ -65,3 +65,20 @@ def test_other_vl_families_pack_exactly_too(kind):
     batch = features(processing, ["example.json", "example_openai.jsonl"])
     padded, flat = losses(model, batch, processing[0].pad_token_id, rope_index_fn(model))
     assert abs(padded - flat) < 1e-4
+
+
+def test_the_placeholder_picture_changes_no_loss(tiny_vl, vl_processing):
+    """Added to picture-less batches so every rank's projector has a gradient; it must not move the loss."""
+    from tuning.data.dataset import sample_to_features
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vl).eval()
+    set_use_cache(model, False)
+    text_only = [
+        f for f in features(vl_processing, ["example.json", "example_chatml.jsonl"]) if "pixel_values" not in f
+    ]
+    placeholder = sample_to_features(encoder_for(vl_processing).placeholder_image_sample())
+    plain = FlatteningCollator(rope_index_fn(model))(text_only)
+    padded_out = FlatteningCollator(rope_index_fn(model), placeholder=placeholder)(text_only)
+    assert "pixel_values" in padded_out and "pixel_values" not in plain
+    with torch.no_grad():
+        assert abs(float(model(**plain).loss) - float(model(**padded_out).loss)) < 1e-5

@@ -58,8 +58,12 @@ class FlatteningCollator:
     """
 
     rope_index: Callable | None = None
+    # one blank picture and no labels, added to picture-less batches (Encoder.placeholder_image_sample)
+    placeholder: dict | None = None
 
     def __call__(self, features: list[dict]) -> dict:
+        if self.placeholder is not None and all(f.get("pixel_values") is None for f in features):
+            features = [*features, self.placeholder]
         input_ids, labels, positions, rope = [], [], [], []
         for f in features:
             input_ids += f["input_ids"]

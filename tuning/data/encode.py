@@ -111,6 +111,21 @@ class Encoder:
         rendered.image_message = [index for _, index in images]
         return self._tokenize(conv, rendered, pixel_values, grid)
 
+    def placeholder_image_sample(self) -> Sample:
+        """One blank picture and nothing to learn (all labels -100): added to a picture-less packed batch so
+        that every rank's vision tower and projector take part in the step (DeepSpeed reduces gradients of
+        the same parameters on every rank). It is its own packed sample, so it changes no loss."""
+        from PIL import Image
+
+        side = self.image_processor.patch_size * self.image_processor.merge_size
+        pixel_values, grid = self._process_images([Image.new("RGB", (side, side), (128, 128, 128))])
+        vocab = self.tokenizer.get_vocab()
+        start, end = (t for t in ("<|vision_start|>", "<|vision_end|>") if t in vocab)
+        text = start + self.image_token * self._image_token_count(grid[0]) + end
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        types = [int(t == self.image_token_id) for t in ids]
+        return Sample("placeholder-image", ids, [IGNORE_INDEX] * len(ids), pixel_values, grid, types)
+
     def check_images(self, conv: Conversation) -> None:
         """Open every image of a conversation (used by the up-front validation of lazy datasets)."""
         self._load_images(conv)
