@@ -333,3 +333,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
 
 if __name__ == "__main__":
     train()
+    if torch.distributed.is_initialized():
+        # a clean exit: with gloo threads still running at interpreter shutdown a rank could abort
+        # ("terminate called without an active exception") after its work was done
+        torch.distributed.destroy_process_group()
