@@ -263,17 +263,18 @@ class Encoder:
 
     def _tokenize(self, conv: Conversation, rendered: _Rendered, pixel_values, grid) -> Sample:
         counts = iter([self._image_token_count(row) for row in grid] if grid is not None else [])
-        ids, labels, message_of_token = [], [], []
+        ids, labels, message_of_token, texts = [], [], [], []
         for segment in rendered.segments:
             text = segment.text
             if self.image_token and self.image_token in text:
                 pieces = text.split(self.image_token)
                 text = pieces[0] + "".join(self.image_token * next(counts) + piece for piece in pieces[1:])
+            texts.append(text)
             seg_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += seg_ids
             labels += seg_ids if segment.supervised else [IGNORE_INDEX] * len(seg_ids)
             message_of_token += [segment.message_index] * len(seg_ids)
-        self._check_parity(conv, ids, rendered, grid)
+        self._check_parity(conv, ids, "".join(texts))
         sample = Sample(conv.id, ids, labels, pixel_values, grid)
         if len(ids) > self.max_length:
             sample = self._truncate(conv, sample, message_of_token, rendered)
@@ -281,13 +282,8 @@ class Encoder:
             sample.mm_token_type_ids = [int(t == self.image_token_id) for t in sample.input_ids]
         return sample
 
-    def _check_parity(self, conv: Conversation, ids: list[int], rendered: _Rendered, grid) -> None:
+    def _check_parity(self, conv: Conversation, ids: list[int], joined: str) -> None:
         """The appended segments must tokenize exactly like the whole text (they do unless a merge crosses a turn)."""
-        joined = "".join(s.text for s in rendered.segments)
-        if grid is not None:
-            counts = iter(self._image_token_count(row) for row in grid)
-            pieces = joined.split(self.image_token)
-            joined = pieces[0] + "".join(self.image_token * next(counts) + p for p in pieces[1:])
         whole = self.tokenizer(joined, add_special_tokens=False)["input_ids"]
         if whole != ids:
             at = next(
