@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,11 +20,12 @@ from types import SimpleNamespace
 
 import torch
 import transformers
-from transformers import HfArgumentParser, Trainer
+from transformers import HfArgumentParser
 
 from tuning.data.args import DataArguments, merge_repeated_flags
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset, sample_to_features
+from tuning.data.errors import DataError, DataErrors
 from tuning.model import (
     LoadOptions,
     LoraOptions,
@@ -39,11 +41,14 @@ from tuning.model import (
     untrained_token_ids,
 )
 from tuning.train import (
+    GuardedTrainer,
     LossPlotCallback,
     RestoreFullWeights,
     SampleGenerationCallback,
+    StopOnSignal,
     ThroughputCallback,
     resolve_resume,
+    resume_command,
     save_final,
     save_run_args,
 )
@@ -92,6 +97,13 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
     sample_steps: int = field(default=100, metadata={"help": "How often the sample prompts are answered."})
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A NaN or infinite loss or gradient: stop the run with a message, or skip that optimizer step.",
+            "choices": ["stop", "skip"],
+        },
+    )
 
 
 @dataclass
@@ -123,12 +135,17 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
         problems.append("--q_lora True needs --use_lora True")
     if training_args.bf16 and training_args.fp16:
         problems.append("--bf16 and --fp16 are both set: choose one")
+    elif training_args.fp16 and not torch.cuda.is_available():
+        # accelerate would silently train in fp32 and DeepSpeed refuses; say so before anything loads
+        problems.append("--fp16 needs a GPU: on this machine use --bf16 True, or neither")
     if lora_args.lora_weight_path and not training_args.use_lora:
         problems.append("--lora_weight_path needs --use_lora True")
     if lora_args.lora_vision and model_args.fix_vit and not training_args.use_lora:
         problems.append("--lora_vision True has no effect without --use_lora True")
     if training_args.sample_prompts and lora_args.q_lora:
         problems.append("--sample_prompts does not work with --q_lora (a 4-bit model's eval forward breaks training)")
+    if training_args.on_nonfinite == "skip" and training_args.deepspeed:
+        problems.append("--on_nonfinite skip does not work with --deepspeed (its gradients live in the engine)")
     if lora_args.lora_r <= 0:
         problems.append(f"--lora_r must be positive, got {lora_args.lora_r}")
     return problems
@@ -161,15 +178,19 @@ def parse_arguments(argv: list[str]):
     reported at once before anything is loaded."""
     groups = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
     parser = HfArgumentParser(groups)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+    config_file = None
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         import yaml
 
-        values = yaml.safe_load(Path(argv[0]).read_text())  # JSON is YAML too
-    else:
-        namespace, unknown = parser.parse_known_args(merge_repeated_flags(argv))
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        values = vars(namespace)
+        # the file's values are defaults that flags after it override: `finetune.py run.yaml --learning_rate 1e-4`
+        config_file = argv[0]
+        file_values = yaml.safe_load(Path(config_file).read_text()) or {}  # JSON is YAML too
+        parser.set_defaults(**file_values)
+        argv = argv[1:]
+    namespace, unknown = parser.parse_known_args(merge_repeated_flags(argv))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    values = vars(namespace)
     if not torch.cuda.is_available() and values.get("deepspeed"):
         values["accelerator_config"] = deepspeed_state_on_cpu()
     if not torch.cuda.is_available() and not values.get("deepspeed"):
@@ -191,7 +212,7 @@ def parse_arguments(argv: list[str]):
             built.append(SimpleNamespace(**{**defaults, **inputs}))
     unused = set(values) - {f.name for group in groups for f in fields(group)}
     if unused:
-        problems.append(f"unknown arguments in {argv[0]}: {', '.join(sorted(unused))}")
+        problems.append(f"unknown arguments in {config_file}: {', '.join(sorted(unused))}")
     problems += argument_problems(*built)
     if problems:
         raise SystemExit("finetune.py: bad arguments:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -219,14 +240,30 @@ def standard_callbacks(training_args, resume: str | None, tokenizer, processor) 
     return callbacks
 
 
+def data_or_exit(data_args, paths: list[str], encoder, skip_bad_samples: bool):
+    """Every sample read, checked and encoded before a model is loaded: bad data stops the run here, with every
+    problem listed, and not hours into training."""
+    try:
+        return build_dataset(
+            paths,
+            encoder,
+            lazy=data_args.lazy_preprocess,
+            skip_bad_samples=skip_bad_samples,
+            workers=data_args.preprocessing_num_workers,
+        )
+    except (DataError, DataErrors, FileNotFoundError) as e:
+        raise SystemExit(f"finetune.py: the data cannot be used: {e}") from None
+
+
 def is_zero3(training_args) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
-def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
-    model_args, data_args, training_args, lora_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTrainer:
+    argv = sys.argv[1:] if argv is None else argv
+    model_args, data_args, training_args, lora_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     if model_args.model_name_or_path is None:
         from tuning.tiny import ensure_tiny
@@ -245,22 +282,11 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
     # Data first: it may add tokens (Qwen-VL grounding tags) that the model must then make room for.
     tokenizer, processor, model_type = load_processing(model_args.model_name_or_path, model_args.trust_remote_code)
     encoder = data_args.encoder(tokenizer, processor, model_type)
-    train_set, report = build_dataset(
-        data_args.data_path,
-        encoder,
-        lazy=data_args.lazy_preprocess,
-        skip_bad_samples=data_args.skip_bad_samples,
-        workers=data_args.preprocessing_num_workers,
-    )
+    train_set, report = data_or_exit(data_args, data_args.data_path, encoder, data_args.skip_bad_samples)
     logger.info(report.summary())
     eval_set = None
     if data_args.eval_data_path:
-        eval_set, eval_report = build_dataset(
-            data_args.eval_data_path,
-            encoder,
-            lazy=data_args.lazy_preprocess,
-            workers=data_args.preprocessing_num_workers,
-        )
+        eval_set, eval_report = data_or_exit(data_args, data_args.eval_data_path, encoder, False)
         logger.info(eval_report.summary())
 
     dtype = compute_dtype(training_args.bf16, training_args.fp16)
@@ -316,24 +342,38 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> Trainer:
             training_args.output_dir, model=model_args, data=data_args, training=training_args, lora=lora_args
         )
         report.save(os.path.join(training_args.output_dir, "data_report.json"))
-    trainer = Trainer(
+    stop_on_signal = StopOnSignal()
+    trainer = GuardedTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator_for(model, tokenizer, encoder, data_args.packing, training_args.world_size),
-        callbacks=[*standard_callbacks(training_args, resume, tokenizer, processor), *callbacks],
+        callbacks=[*standard_callbacks(training_args, resume, tokenizer, processor), stop_on_signal, *callbacks],
+        on_nonfinite=training_args.on_nonfinite,
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
     trainer.train(resume_from_checkpoint=resume)
+    if stop_on_signal.received:
+        checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{stop_on_signal.saved_at}")
+        name = signal.Signals(stop_on_signal.received).name
+        if training_args.process_index == 0:
+            print(
+                f"\n{name}: stopped at step {stop_on_signal.saved_at} and saved {checkpoint}. Resume with:\n"
+                f"  {resume_command(argv)}",
+                file=sys.stderr,
+            )
+        raise SystemExit(128 + stop_on_signal.received)
     save_final(trainer, processor or tokenizer, training_args.output_dir)
     logger.info("saved to %s", training_args.output_dir)
     return trainer
 
 
 if __name__ == "__main__":
-    train()
-    if torch.distributed.is_initialized():
-        # a clean exit: with gloo threads still running at interpreter shutdown a rank could abort
-        # ("terminate called without an active exception") after its work was done
-        torch.distributed.destroy_process_group()
+    try:
+        train()
+    finally:
+        if torch.distributed.is_initialized():
+            # a clean exit: with gloo threads still running at interpreter shutdown a rank could abort
+            # ("terminate called without an active exception") after its work was done
+            torch.distributed.destroy_process_group()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,15 @@ def run_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     return env
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    """tests.helpers.ImageServer on 127.0.0.1: http://127.0.0.1:PORT/ok.png, /page, /loop, ..."""
+    from tests.helpers import ImageServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ImageServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()

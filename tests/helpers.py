@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image
 
@@ -82,3 +86,50 @@ def torchrun_finetune(processes: int, args: list[str], timeout: int = 900) -> No
 
 def trainer_state(out: Path) -> dict:
     return json.loads((out / "trainer_state.json").read_text())
+
+
+def png_bytes(colour="green", size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ImageServer(BaseHTTPRequestHandler):
+    """Answers with a picture, a slow or endless one, a web page, a redirect loop or 404, by path."""
+
+    hits: ClassVar[dict[str, int]] = {}
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        ImageServer.hits[self.path] = ImageServer.hits.get(self.path, 0) + 1
+        if self.path == "/ok.png":
+            self._send(png_bytes(), "image/png")
+        elif self.path == "/slow.png":
+            time.sleep(3)
+            self._send(png_bytes(), "image/png")
+        elif self.path == "/huge.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()  # no Content-Length: the cap must hold while streaming
+            try:
+                for _ in range(64):
+                    self.wfile.write(b"\0" * 65536)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading at its cap, as it should
+        elif self.path == "/page":
+            self._send(b"<html>not a picture</html>", "text/html")
+        elif self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+        else:
+            self.send_error(404)
+
+    def _send(self, body: bytes, content_type: str):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

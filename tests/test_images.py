@@ -3,85 +3,26 @@
 from __future__ import annotations
 
 import base64
-import io
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import pytest
-from PIL import Image
 
-from tests.helpers import picture
+from tests.helpers import ImageServer, picture, png_bytes
 from tuning.data.formats import ImageRef
 from tuning.data.images import ImageLimits, ImageLoadError, load_image
-
-
-def png_bytes(colour="green", size=(40, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class Handler(BaseHTTPRequestHandler):
-    hits: ClassVar[dict[str, int]] = {}
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_GET(self):
-        Handler.hits[self.path] = Handler.hits.get(self.path, 0) + 1
-        if self.path == "/ok.png":
-            self._send(png_bytes(), "image/png")
-        elif self.path == "/slow.png":
-            time.sleep(3)
-            self._send(png_bytes(), "image/png")
-        elif self.path == "/huge.png":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()  # no Content-Length: the cap must hold while streaming
-            try:
-                for _ in range(64):
-                    self.wfile.write(b"\0" * 65536)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client stopped reading at its cap, as it should
-        elif self.path == "/page":
-            self._send(b"<html>not a picture</html>", "text/html")
-        elif self.path == "/loop":
-            self.send_response(302)
-            self.send_header("Location", "/loop")
-            self.end_headers()
-        else:
-            self.send_error(404)
-
-    def _send(self, body: bytes, content_type: str):
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
 
 
 def limits(tmp_path, **kwargs) -> ImageLimits:
     return ImageLimits(cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
-def test_url_loads_and_is_cached(server, tmp_path):
-    ref = ImageRef(f"{server}/ok.png", str(tmp_path))
+def test_url_loads_and_is_cached(image_server, tmp_path):
+    ref = ImageRef(f"{image_server}/ok.png", str(tmp_path))
     first = load_image(ref, limits=limits(tmp_path))
     second = load_image(ref, limits=limits(tmp_path))
     assert first.size == (40, 30) and first.getpixel((0, 0)) == (0, 128, 0)
     assert list(second.getdata()) == list(first.getdata())
-    assert Handler.hits["/ok.png"] == 1  # the second epoch reads the disk cache
+    assert ImageServer.hits["/ok.png"] == 1  # the second epoch reads the disk cache
 
 
 @pytest.mark.parametrize(
@@ -94,10 +35,10 @@ def test_url_loads_and_is_cached(server, tmp_path):
         ("/missing.png", "could not be fetched", {}),
     ],
 )
-def test_bad_urls_fail_cleanly(server, tmp_path, path, message, kwargs):
+def test_bad_urls_fail_cleanly(image_server, tmp_path, path, message, kwargs):
     started = time.monotonic()
     with pytest.raises(ImageLoadError, match=message):
-        load_image(ImageRef(f"{server}{path}", str(tmp_path)), limits=limits(tmp_path, **kwargs))
+        load_image(ImageRef(f"{image_server}{path}", str(tmp_path)), limits=limits(tmp_path, **kwargs))
     assert time.monotonic() - started < 10
     assert not any((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from finetune import train
 from tests.conftest import DATA
 from tests.helpers import torchrun_finetune, trainer_state
+from tuning.train import checkpoint_problems
 
 pytestmark = pytest.mark.slow
 DATA_ARGS = ["--data_path", str(DATA / "example.json"), str(DATA / "example_openai.jsonl")]  # 5 samples
@@ -58,7 +59,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, tiny_vl, name
     common = [*flags, "--max_steps", "7", "--save_steps", "4", "--lr_scheduler_type", "cosine"]
     whole = losses(finetune(tmp_path / "whole", tiny_vl, *common, deepspeed=deepspeed))
     checkpoint = tmp_path / "whole" / "checkpoint-4"
-    assert checkpoint.is_dir()
+    assert checkpoint_problems(checkpoint) == []  # what `auto` checks holds for every layout: plain, DeepSpeed
     resumed = losses(
         finetune(
             tmp_path / "resumed", tiny_vl, *common, "--resume_from_checkpoint", str(checkpoint), deepspeed=deepspeed

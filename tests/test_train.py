@@ -158,6 +158,10 @@ def test_arguments_from_a_yaml_file(tmp_path):
     model_args, data_args, training_args, lora_args = parse_arguments([str(config)])
     assert (model_args.model_name_or_path, data_args.data_path) == ("m", ["a.json", "b.jsonl"])
     assert training_args.use_lora and lora_args.lora_r == 8 and training_args.learning_rate == 2e-4
+    _, _, training_args, lora_args = parse_arguments(
+        [str(config), "--lora_r", "16", "--resume_from_checkpoint", "auto"]
+    )
+    assert lora_args.lora_r == 16 and training_args.resume_from_checkpoint == "auto"  # flags after the file win
     config.write_text("output_dir: out\nlora_rank: 8\n")
     with pytest.raises(SystemExit, match=r"unknown arguments .*lora_rank"):
         parse_arguments([str(config)])

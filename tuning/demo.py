@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -114,8 +114,8 @@ class DemoModel:
     outputs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="web-demo-")))
 
     def reply(self, messages: list[dict], settings: GenerationSettings, system: str) -> Iterator[str]:
-        self.chat.settings = settings
-        self.chat.system = (system or "").strip() or None
+        # a Chat of its own per request: requests served at once must not share settings or system prompt
+        chat = replace(self.chat, settings=settings, system=(system or "").strip() or None, messages=[])
         opened = [
             {
                 **m,
@@ -128,7 +128,7 @@ class DemoModel:
             else m
             for m in messages
         ]
-        yield from self.chat.stream_reply(opened)
+        yield from chat.stream_reply(opened)
 
     def respond(self, history: list, raw: list, system: str, max_new_tokens: int, temperature: float, top_p: float):
         """Stream the answer to the last user turn into the history; any failure becomes a message in the chat,
@@ -230,12 +230,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-port", type=int, default=8000)
     parser.add_argument("--share", action="store_true", help="create a public gradio link")
     parser.add_argument("--concurrency", type=int, default=2, help="requests served at once; more wait in a queue")
+    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more are refused")
     args = parser.parse_args(argv)
 
     model_path = args.checkpoint_path or str(ensure_tiny("vl"))
     model, tokenizer, processor = load_for_chat(model_path, args.adapter, args.bits, args.cpu_only)
     demo_model = DemoModel(Chat(model, tokenizer, processor))
     app = build_app(demo_model, title=f"Multimodal chat — {Path(model_path).name}")
-    app.queue(default_concurrency_limit=args.concurrency, max_size=64).launch(
+    app.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size).launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, max_file_size=MAX_UPLOAD
     )

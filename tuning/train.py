@@ -4,34 +4,172 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shlex
+import signal
+import struct
+import threading
 import time
+import zipfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+import torch
+from transformers import Trainer, TrainerCallback
 
 logger = logging.getLogger(__name__)
 
 
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _zip_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive whose directory is at the end: a cut-off file has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{path.name} is unreadable ({e})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """The header must parse and the file must be as long as the tensors it declares."""
+    try:
+        with path.open("rb") as f:
+            header_size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError) as e:
+        return f"{path.name} is unreadable ({e.__class__.__name__})"
+    expected, actual = 8 + header_size + end, path.stat().st_size
+    if actual != expected:
+        return f"{path.name} is {actual} bytes, its header says {expected} (truncated)"
+    return None
+
+
+def _weights_problems(folder: Path) -> list[str]:
+    files = [folder / name for name in ("model.safetensors", "adapter_model.safetensors") if (folder / name).is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as e:
+            return [f"{index.name} is unreadable ({e.__class__.__name__})"]
+        missing = [s for s in sorted(shards) if not (folder / s).is_file()]
+        if missing:
+            return [f"weight shards missing: {', '.join(missing)}"]
+        files += [folder / s for s in sorted(shards)]
+    if not files:
+        return ["no weights (model.safetensors, its index or adapter_model.safetensors)"]
+    return [p for p in map(_safetensors_problem, files) if p]
+
+
+def _optimizer_problems(folder: Path) -> list[str]:
+    latest = folder / "latest"
+    if latest.is_file():  # DeepSpeed keeps optimizer and engine state in its own tag folder
+        tag = folder / latest.read_text().strip()
+        states = sorted(tag.glob("*optim_states.pt")) + sorted(tag.glob("*model_states.pt"))
+        if not states:
+            return [f"DeepSpeed state folder {tag.name} has no optimizer states"]
+        return [p for p in map(_zip_problem, states) if p]
+    if not (folder / "optimizer.pt").is_file():
+        return ["optimizer.pt missing"]
+    return [p for p in [_zip_problem(folder / "optimizer.pt")] if p]
+
+
+def checkpoint_problems(folder: str | Path) -> list[str]:
+    """What keeps a checkpoint from resuming the run exactly: weights, optimizer, scheduler, RNG and trainer
+    state must all be present and readable. Cheap: headers and zip directories only, nothing is unpickled."""
+    folder = Path(folder)
+    problems = []
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        problems.append("trainer_state.json missing")
+    except (OSError, ValueError) as e:
+        problems.append(f"trainer_state.json is unreadable ({e.__class__.__name__})")
+    problems += _weights_problems(folder)
+    problems += _optimizer_problems(folder)
+    if not (folder / "scheduler.pt").is_file():
+        problems.append("scheduler.pt missing")
+    else:
+        problems += [p for p in [_zip_problem(folder / "scheduler.pt")] if p]
+    rng_states = sorted(folder.glob("rng_state*.pth"))
+    if not rng_states:
+        problems.append("no rng_state*.pth")
+    problems += [p for p in map(_zip_problem, rng_states) if p]
+    return problems
+
+
+def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:
+    found = [
+        (int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT_NAME.match(p.name))
+    ]
+    return [p for _, p in sorted(found, reverse=True) if p.is_dir()]
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint that can resume the run; every newer one is named with why it was skipped."""
+    for folder in checkpoints_newest_first(output_dir):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return str(folder)
+        logger.warning("--resume_from_checkpoint auto: skipping %s: %s", folder, "; ".join(problems))
+    return None
+
+
 def resolve_resume(output_dir: str, resume: str | None, overwrite: bool) -> str | None:
     """The checkpoint to resume from. A folder with checkpoints is never resumed or overwritten silently."""
-    existing = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    existing = checkpoints_newest_first(output_dir) if Path(output_dir).is_dir() else []
     if resume == "auto":
-        if existing is None:
-            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting fresh", output_dir)
-        return existing
+        chosen = newest_complete_checkpoint(output_dir)
+        if chosen is None:
+            what = "no complete checkpoint" if existing else "no checkpoint"
+            logger.warning("--resume_from_checkpoint auto: %s in %s, starting fresh", what, output_dir)
+        else:
+            logger.info("--resume_from_checkpoint auto: resuming from %s", chosen)
+        return chosen
     if resume:
         if not Path(resume).is_dir():
             raise SystemExit(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+        problems = checkpoint_problems(resume)
+        if problems:
+            raise SystemExit(
+                f"--resume_from_checkpoint {resume}: the checkpoint is incomplete: {'; '.join(problems)}. "
+                "Choose an older checkpoint, or pass 'auto' to take the newest complete one."
+            )
         return resume
     if existing and not overwrite:
         raise SystemExit(
-            f"{output_dir} already holds checkpoints (latest: {Path(existing).name}). Pass "
+            f"{output_dir} already holds checkpoints (latest: {existing[0].name}). Pass "
             "--resume_from_checkpoint auto to continue that run, --overwrite_output_dir True to start over "
             "in the same folder, or choose another --output_dir."
         )
     return None
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments, resuming from the newest checkpoint."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            skip_next = "=" not in arg
+            continue
+        kept.append(arg)
+    launcher = "python finetune.py"
+    if "LOCAL_RANK" in os.environ:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        nodes = int(os.environ.get("WORLD_SIZE", per_node)) // max(int(per_node), 1)
+        launcher = (
+            f"torchrun --nproc_per_node {per_node}" + (f" --nnodes {nodes}" if nodes > 1 else "") + " finetune.py"
+        )
+    return " ".join([launcher, *map(shlex.quote, kept), "--resume_from_checkpoint", "auto"])
 
 
 class RestoreFullWeights(TrainerCallback):
@@ -51,6 +189,123 @@ class RestoreFullWeights(TrainerCallback):
         model.load_state_dict(restored.state_dict(), strict=True)
         del restored
         logger.info("restored the full weights of %s (with the key conversion the Trainer skips)", self.checkpoint)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or SIGINT (a preempted job, Ctrl-C): every rank saves a checkpoint at the end of the step it is
+    in, and training stops. The ranks agree on the step, so no rank waits in a collective the others left."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.saved_at: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            # torchrun forwards the terminal's Ctrl-C a second time: stay on course to save
+            logger.warning("%s again: already stopping at the end of this step (SIGKILL stops at once)", name)
+            return
+        self.received = signum
+        logger.warning("%s received: saving a checkpoint at the end of this step, then stopping", name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._received_anywhere(args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.saved_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _received_anywhere(self, args) -> bool:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([self.received or 0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if self.received is None and flag.item():
+                self.received = int(flag.item())
+        return self.received is not None
+
+
+def nonfinite_message(what: str, value: float, step: int, args) -> str:
+    fixes = ["--bf16 True instead of --fp16 (fp16 overflows)"] if args.fp16 else []
+    fixes.append(f"a lower --learning_rate (now {args.learning_rate:g})")
+    if not 0 < args.max_grad_norm <= 1:
+        fixes.append(f"gradient clipping with --max_grad_norm 1.0 (now {args.max_grad_norm:g})")
+    fixes.append("a look at the samples of this step")
+    newest = checkpoints_newest_first(args.output_dir)
+    kept = f"the newest checkpoint is {newest[0]}" if newest else "no checkpoint was saved yet"
+    return (
+        f"step {step}: the {what} is {value} (not finite). Training stopped; nothing after it was saved, "
+        f"{kept}. Likely fixes: {'; '.join(fixes)}. --on_nonfinite skip skips such steps instead of stopping."
+    )
+
+
+class NonFiniteGradients(TrainerCallback):
+    """Before the optimizer step: gradients that are not finite stop the run or, if asked, skip the step.
+
+    Under fp16 the loss scaler already skips overflowing steps; under DeepSpeed the gradients live in the engine
+    (the loss check in GuardedTrainer still applies)."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.skipped: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or args.deepspeed or model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or torch.stack([g.isfinite().all() for g in grads]).all():
+            return
+        step = state.global_step + 1
+        if self.policy == "stop":
+            raise SystemExit(nonfinite_message("gradient", float("nan"), step, args))
+        model.zero_grad(set_to_none=True)  # the optimizer passes over parameters without gradients
+        self.skipped.append(step)
+        logger.warning("step %d: gradients are not finite, step skipped (%d so far)", step, len(self.skipped))
+
+
+class GuardedTrainer(Trainer):
+    """The Trainer, with a non-finite loss caught where it happens (the stock Trainer averages it out of the
+    log and trains on) and the fp16 loss scale logged with the loss."""
+
+    def __init__(self, *args, on_nonfinite: str = "stop", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_nonfinite = on_nonfinite
+        self.add_callback(NonFiniteGradients(on_nonfinite))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            step = self.state.global_step + 1
+            if self.on_nonfinite == "stop":
+                raise SystemExit(nonfinite_message("loss", loss.item(), step, self.args))
+            logger.warning("step %d: the loss is %s, the step will be skipped", step, loss.item())
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.args.fp16 and "loss" in logs and (scale := self.loss_scale()) is not None:
+            logs["loss_scale"] = scale
+        super().log(logs, start_time)
+
+    def loss_scale(self) -> float | None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        optimizer = getattr(self.model_wrapped, "optimizer", None)  # a DeepSpeed engine's fp16 optimizer
+        for name in ("cur_scale", "loss_scale"):
+            if isinstance(value := getattr(optimizer, name, None), (int, float)):
+                return float(value)
+        return None
 
 
 class ThroughputCallback(TrainerCallback):

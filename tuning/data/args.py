@@ -66,6 +66,10 @@ class DataArguments:
     max_images_per_sample: int = field(default=32, metadata={"help": "Most images one sample may carry."})
     image_timeout: float = field(default=20.0, metadata={"help": "Seconds to wait for an image URL to answer."})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "Largest image file or download."})
+    max_image_pixels: int = field(
+        default=ImageLimits.max_pixels,
+        metadata={"help": "Largest image in pixels (width x height): a decompression bomb stops here."},
+    )
 
     def __post_init__(self):
         # Accept "a.json,b.json" as well as "a.json b.json".
@@ -82,7 +86,9 @@ class DataArguments:
         return found
 
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(read_timeout=self.image_timeout, max_bytes=self.max_image_bytes)
+        return ImageLimits(
+            read_timeout=self.image_timeout, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels
+        )
 
     def encoder(self, tokenizer, processor, model_type: str) -> Encoder:
         return Encoder(
