@@ -128,6 +128,15 @@ def test_lazy_dataset_validates_first_and_encodes_the_same(vl_processing):
         assert eager[i]["input_ids"] == lazy[i]["input_ids"] and eager[i]["labels"] == lazy[i]["labels"]
 
 
+def test_lazy_sample_whose_image_changes_after_validation_stops_with_its_id(vl_processing, tmp_path):
+    picture(tmp_path / "p.png")
+    data = write_json(tmp_path / "d.json", [qwen_vl("s1", "Picture 1: <img>p.png</img>\nColour?", "Red.")])
+    lazy, _ = build_dataset([str(data)], encoder_for(vl_processing), lazy=True, show_progress=False)
+    (tmp_path / "p.png").write_bytes(b"gone bad")
+    with pytest.raises(RuntimeError, match=r"sample s1 .*failed on access after passing validation.*cannot be read"):
+        lazy[0]
+
+
 def check_command(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PYTHON, "-m", "tuning.data", *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300

@@ -163,7 +163,7 @@ def test_qlora_adapter_merges_into_the_unquantized_base(tmp_path):
     assert not getattr(merged, "is_quantized", False)
 
 
-def test_merge_errors_name_the_problem(vl_adapter, tiny_text, tmp_path):
+def test_merge_errors_name_the_problem(vl_adapter, tiny_text, tiny_vl, tmp_path):
     from tuning.tiny import ensure_tiny
 
     narrow = ensure_tiny("vl", tmp_path / "narrow", hidden_size=32)
@@ -174,12 +174,23 @@ def test_merge_errors_name_the_problem(vl_adapter, tiny_text, tmp_path):
     for f in vl_adapter.iterdir():
         if f.is_file():
             (moved / f.name).write_bytes(f.read_bytes())
-    config = (moved / "adapter_config.json").read_text().replace(str(vl_adapter.parent), "/nowhere")
     config = json.loads((moved / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/nowhere/base"
     (moved / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(MergeError, match=r"missing .*pass --base"):
         merge(moved, tmp_path / "b")
+
+    from safetensors.torch import load_file
+
+    pickled = moved / "adapter_model.safetensors"
+    torch.save(load_file(pickled), moved / "adapter_model.bin")
+    pickled.unlink()
+    with pytest.raises(MergeError, match="only safetensors adapters are loaded"):
+        merge(moved, tmp_path / "c", base=str(tiny_vl))
+    from tuning.chat import load_for_chat
+
+    with pytest.raises(FileNotFoundError, match=r"pickled adapter_model\.bin, which is not loaded"):
+        load_for_chat(str(tiny_vl), str(moved))
 
 
 def test_merge_refuses_a_quantized_base(vl_adapter, tiny_text, tmp_path):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from tuning.data import grounding
-from tuning.model import LoadOptions, is_vision_language, load_model, load_processing, set_use_cache
+from tuning.model import LoadOptions, is_vision_language, load_adapter, load_model, load_processing, set_use_cache
 
 
 @dataclass
@@ -48,9 +48,7 @@ def load_for_chat(model_path: str, adapter: str | None = None, bits: int | None 
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
     if torch.cuda.is_available() and not cpu_only and bits is None:
         model = model.to("cuda")
     set_use_cache(model, True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tuning.model import LoadOptions, load_model, load_processing, resize_for_tokenizer
+from tuning.model import LoadOptions, load_adapter, load_model, load_processing, resize_for_tokenizer
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,8 +110,6 @@ def top1_agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def load_with_adapter(base: str, adapter: Path, dtype: torch.dtype, tokenizer, q_lora: bool = False):
-    from peft import PeftModel
-
     model = load_model(LoadOptions(base, dtype=dtype, q_lora=q_lora))
     if getattr(model, "is_quantized", False) and not q_lora:
         raise MergeError(
@@ -120,7 +118,7 @@ def load_with_adapter(base: str, adapter: Path, dtype: torch.dtype, tokenizer, q
         )
     resize_for_tokenizer(model, tokenizer)
     try:
-        return PeftModel.from_pretrained(model, str(adapter))
+        return load_adapter(model, str(adapter))
     except RuntimeError as e:
         if "size mismatch" in str(e):
             raise MergeError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -104,6 +105,25 @@ def load_model(options: LoadOptions):
     model = model_class.from_pretrained(options.model_name_or_path, **kwargs)
     set_use_cache(model, False)  # a cache defeats packed-sequence masks and wastes memory in training
     return model
+
+
+def load_adapter(model: nn.Module, adapter: str, trainable: bool = False):
+    """A PEFT adapter on top of `model`. A local adapter must be safetensors: a pickled adapter_model.bin is
+    refused rather than unpickled."""
+    from peft import PeftModel
+
+    folder = Path(adapter)
+    if folder.is_dir() and not (folder / "adapter_model.safetensors").is_file():
+        pickled = (
+            " (it has a pickled adapter_model.bin, which is not loaded)"
+            if (folder / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{adapter} holds no adapter_model.safetensors{pickled}; save the adapter with safetensors "
+            "(PEFT's default) and try again"
+        )
+    return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
 
 
 def set_use_cache(model: nn.Module, enabled: bool) -> None:
@@ -262,7 +282,7 @@ def attach_lora(
 
     Under ZeRO-3 PEFT cannot copy a partitioned module for modules_to_save, so a tuned projector gets LoRA
     on its linear layers instead."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -274,7 +294,7 @@ def attach_lora(
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph at checkpoints
     if options.weight_path:
         logger.info("starting from the adapter in %s", options.weight_path)
-        return PeftModel.from_pretrained(model, options.weight_path, is_trainable=True)
+        return load_adapter(model, options.weight_path, trainable=True)
     _, projectors = vision_parts(model)
     full_projector = options.tune_projector and bool(projectors) and not zero3
     if options.tune_projector and projectors and zero3:

@@ -185,7 +185,9 @@ class RestoreFullWeights(TrainerCallback):
         self.checkpoint = checkpoint
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        restored = type(model).from_pretrained(self.checkpoint, dtype=next(model.parameters()).dtype)
+        restored = type(model).from_pretrained(
+            self.checkpoint, dtype=next(model.parameters()).dtype, use_safetensors=True
+        )
         model.load_state_dict(restored.state_dict(), strict=True)
         del restored
         logger.info("restored the full weights of %s (with the key conversion the Trainer skips)", self.checkpoint)
