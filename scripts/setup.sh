@@ -25,7 +25,7 @@ from importlib.metadata import version
 print(f"torch=={version('torch')}\ntorchvision=={version('torchvision')}")
 PYEOF
 
-requirements=(requirements.txt requirements_web_demo.txt requirements_test.txt)
+requirements=(requirements.txt requirements_web_demo.txt requirements_test.txt requirements_bench.txt)
 stamp="$VENV/.requirements.sha256"
 wanted="$(cat "${requirements[@]}" "$VENV/torch-constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]]; then

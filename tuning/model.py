@@ -76,8 +76,9 @@ def quantization_config(options: LoadOptions, config):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=options.dtype,
-        # ZeRO-3 shards parameters by dtype; a float storage type lets it shard the packed 4-bit weights.
-        bnb_4bit_quant_storage=torch.float32 if options.zero3 else torch.uint8,
+        # ZeRO-3 shards parameters of one float dtype; storing the packed 4-bit weights in the dtype of the rest
+        # of the model lets it shard them with everything else.
+        bnb_4bit_quant_storage=(options.dtype or torch.float32) if options.zero3 else torch.uint8,
         # The vision side stays in full precision: it is small, and its projector trains in full.
         llm_int8_skip_modules=[rf".*{name}" for name in (*VISION_TOWERS, *PROJECTORS)] + list(OUTPUT_HEADS),
     )

@@ -1,0 +1,432 @@
+"""Training throughput of four ways to batch chat data, side by side on one model, one data set, one machine.
+
+    python bench/throughput.py                 # ~30M-parameter Qwen2, 512 generated chats, 3 timed steps
+    python bench/throughput.py --steps 5 --batch 16
+    python bench/throughput.py --smoke         # a tiny model and 2 steps: checks that every mode runs
+
+Modes, each in a fresh process (so peak memory is its own), on the same weights and samples:
+  reference  every sample padded to model_max_length, as the Qwen2 finetune.py does (kept only here)
+  dynamic    each batch padded to its longest sample (--packing False)
+  packed     the toolkit's default: a batch flattened into one row with per-sample positions (padding-free)
+  trl        TRL SFTTrainer with its best packing: best-fit-decreasing packs, padding-free
+
+Printed and written to bench/results/throughput-<device>.md and .png: real (non-padding) tokens per second,
+the padding fraction, peak memory (RSS on CPU, allocated on GPU), achieved FLOP/s as a fraction of a plain
+matmul measured in the same run, and ratios to the reference and to TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":  # the repository, not bench/: bench/profile.py would shadow the standard library's profile
+    sys.path[0] = str(REPO)
+
+MODES = ("reference", "dynamic", "packed", "trl")
+RESULTS = REPO / "bench" / "results"
+MODEL_SIZES = {
+    "full": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536},
+    "smoke": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128},
+}
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+
+def chat_lengths(count: int, seed: int, median: int = 150, low: int = 32, high: int = 1024) -> list[int]:
+    """A long-tailed (log-normal) distribution of conversation lengths in tokens, as chat data has."""
+    rng = random.Random(seed)
+    return [min(high, max(low, round(rng.lognormvariate(math.log(median), 0.9)))) for _ in range(count)]
+
+
+def write_chats(path: Path, tokenizer, lengths: list[int], seed: int) -> Path:
+    """Chats of the given lengths in tokens: a question and an answer (3/4 of it) cut from the corpus."""
+    from tuning.tiny import _corpus_text
+
+    corpus = tokenizer(_corpus_text())["input_ids"]
+    corpus = corpus * (2 * max(lengths) // len(corpus) + 2)  # a short corpus, repeated: the cost is the same
+    rng = random.Random(seed)
+    frame = 12  # the ChatML frame of a two-turn chat, in tokens
+    records = []
+    for i, length in enumerate(lengths):
+        body = max(8, length - frame)
+        start = rng.randrange(0, len(corpus) - body)
+        split = start + body // 4
+        records.append(
+            {
+                "id": f"chat-{i}",
+                "messages": [
+                    {"role": "user", "content": tokenizer.decode(corpus[start:split]).strip()},
+                    {"role": "assistant", "content": tokenizer.decode(corpus[split : start + body]).strip()},
+                ],
+            }
+        )
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+# -- one mode, in its own process ------------------------------------------------------------------------
+
+
+class FedTokens:
+    """Counts what the model is fed, in its forward: real tokens, all positions (padding included) and the
+    length of every sample. (Counting in the collator would be off by the batches the loader prefetches.)"""
+
+    def __init__(self, model):
+        self.real, self.positions, self.sample_lengths = 0, 0, []
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        self.positions += ids.numel()
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # padded rows
+            lengths = kwargs["attention_mask"].sum(dim=1).tolist()
+        else:  # flattened: one row, positions restart at 0 for every sample
+            starts = [*(position_ids.view(-1) == 0).nonzero().view(-1).tolist(), ids.shape[-1]]
+            lengths = [b - a for a, b in itertools.pairwise(starts)]
+        self.real += sum(lengths)
+        self.sample_lengths += lengths
+
+
+class PadToMaxCollator:
+    """The Qwen2 reference behaviour: every sample padded to model_max_length, attention mask over the rest."""
+
+    def __init__(self, pad_token_id: int, max_length: int):
+        from tuning.data.collate import PaddingCollator
+
+        self.padding = PaddingCollator(pad_token_id=pad_token_id, pad_to_multiple_of=max_length)
+
+    def __call__(self, features):
+        return self.padding(features)
+
+
+def timed_callback(warmup: int, counter: FedTokens):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.start = self.end = None
+            self.start_counts = self.end_counts = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync()
+            if state.global_step == warmup:
+                self.start = time.perf_counter()
+                self.start_counts = (counter.real, counter.positions, len(counter.sample_lengths))
+            elif state.global_step > warmup:
+                self.end = time.perf_counter()
+                self.end_counts = (counter.real, counter.positions, len(counter.sample_lengths))
+
+    return Timer()
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def common_arguments(settings: dict, out: str, batch: int) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "output_dir": out,
+        "per_device_train_batch_size": batch,
+        "max_steps": settings["warmup"] + settings["steps"],
+        "learning_rate": 1e-5,
+        "lr_scheduler_type": "constant",
+        "save_strategy": "no",
+        "report_to": [],
+        "logging_steps": 10_000,
+        "disable_tqdm": True,
+        "seed": settings["seed"],
+        "bf16": cuda,
+        "use_cpu": not cuda,
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+    }
+
+
+def run_mode(mode: str, settings: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from tuning.data.collate import FlatteningCollator, PaddingCollator
+    from tuning.data.dataset import build_dataset
+    from tuning.data.encode import Encoder
+    from tuning.model import load_processing, set_use_cache
+
+    tokenizer, _, _ = load_processing(settings["model"])
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=dtype, attn_implementation="sdpa")
+    set_use_cache(model, False)
+    if torch.cuda.is_available():
+        model.to("cuda")
+        torch.cuda.reset_peak_memory_stats()
+    out = tempfile.mkdtemp(prefix=f"bench-{mode}-")
+    batch = settings["batch"]
+
+    if mode == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        records = [json.loads(line) for line in Path(settings["data"]).read_text().splitlines()]
+        pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in records]
+        # packs of up to max_length tokens: as many packs per step as give the other modes' tokens per step
+        batch = max(1, round(batch * settings["mean_length"] / settings["max_length"]))
+        config = SFTConfig(
+            **common_arguments(settings, out, batch),
+            max_length=settings["max_length"],
+            packing=True,
+            packing_strategy="bfd",
+            dataset_num_proc=1,
+        )
+        trainer = SFTTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer
+        )
+    else:
+        encoder = Encoder(tokenizer, None, model_type="qwen2", max_length=settings["max_length"])
+        dataset, _ = build_dataset([settings["data"]], encoder, show_progress=False)
+        inner = {
+            "reference": lambda: PadToMaxCollator(tokenizer.pad_token_id, settings["max_length"]),
+            "dynamic": lambda: PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+            "packed": lambda: FlatteningCollator(),
+        }[mode]()
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common_arguments(settings, out, batch), remove_unused_columns=False),
+            train_dataset=dataset,
+            data_collator=inner,
+        )
+    counter = FedTokens(model)
+    timer = timed_callback(settings["warmup"], counter)
+    trainer.add_callback(timer)
+    trainer.train()
+
+    seconds = timer.end - timer.start
+    real = timer.end_counts[0] - timer.start_counts[0]
+    positions = timer.end_counts[1] - timer.start_counts[1]
+    lengths = counter.sample_lengths[timer.start_counts[2] : timer.end_counts[2]]
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "real_tokens": real,
+        "positions": positions,
+        "samples": len(lengths),
+        "useful_flops": useful_flops(model.config, lengths),
+        "peak_memory_bytes": peak,
+        "batch": batch,
+    }
+
+
+def useful_flops(config, lengths: list[int]) -> float:
+    """Training FLOPs on the real tokens (PaLM's estimate): 6 N per token for the weights, plus causal
+    attention, 6 L d s per token of a sequence of length s. Padding and attention across packed samples are
+    not useful work and are not counted."""
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
+    weights = layers * per_layer + d * vocab  # the output projection; the input embedding is a lookup
+    return sum(6 * weights * n + 6 * layers * d * n * n for n in lengths)
+
+
+def matmul_flops_per_second(size: int = 2048, seconds: float = 2.0) -> float:
+    """What this machine does on a plain square matmul in the training dtype: the roofline the modes get
+    compared with."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        _sync()
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+# -- the comparison --------------------------------------------------------------------------------------
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def table(results: dict, matmul: float, settings: dict) -> str:
+    ref, trl = results["reference"], results["trl"]
+
+    def rate(r):
+        return r["real_tokens"] / r["seconds"]
+
+    lines = [
+        f"Model: Qwen2 {settings['parameters'] / 1e6:.1f}M parameters (random weights), sdpa, "
+        f"{'bf16' if settings['cuda'] else 'fp32'}; data: {settings['samples']} generated chats, "
+        f"{settings['length_summary']}; model_max_length {settings['max_length']}; "
+        f"{settings['batch']} samples per step (TRL: {trl['batch']} packs of up to {settings['max_length']}); "
+        f"{settings['steps']} timed steps after {settings['warmup']} warm-up. Device: {settings['device']}. "
+        f"Plain matmul: {matmul / 1e9:.1f} GFLOP/s.",
+        "",
+        "| mode | real tokens/s | padding | peak memory | FLOP/s vs matmul | vs reference | vs TRL |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for mode in MODES:
+        r = results[mode]
+        padding = 1 - r["real_tokens"] / r["positions"]
+        memory = r["peak_memory_bytes"] / 2**20
+        achieved = r["useful_flops"] / r["seconds"] / matmul
+        lines.append(
+            f"| {mode} | {rate(r):,.0f} | {padding:.0%} | {memory:,.0f} MiB | {achieved:.1%} "
+            f"| {rate(r) / rate(ref):.2f}x | {rate(r) / rate(trl):.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [results[m]["real_tokens"] / results[m]["seconds"] for m in MODES]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=110)
+    bars = ax.bar(MODES, rates, color=["#999999", "#6baed6", "#2171b5", "#fd8d3c"])
+    for bar, value in zip(bars, rates, strict=True):
+        ax.annotate(f"{value / rates[0]:.1f}x", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
+    ax.set_ylabel("real tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def prepare(args) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from tuning.model import load_processing
+    from tuning.tiny import ensure_tiny
+
+    size = "smoke" if args.smoke else "full"
+    model = ensure_tiny(
+        "text", out=REPO / "models" / f"bench-qwen2-{size}", initializer_range=0.02, **MODEL_SIZES[size]
+    )
+    tokenizer, _, _ = load_processing(str(model))
+    lengths = chat_lengths(args.samples, args.seed, high=args.max_length - 16)  # room for re-tokenizing
+    data = write_chats(Path(tempfile.mkdtemp(prefix="bench-data-")) / "chats.jsonl", tokenizer, lengths, args.seed)
+    from tuning.data.dataset import build_dataset
+    from tuning.data.encode import Encoder
+
+    _, report = build_dataset(
+        [str(data)], Encoder(tokenizer, None, model_type="qwen2", max_length=args.max_length), show_progress=False
+    )
+    stats = report.percentiles()
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    return {
+        "model": str(model),
+        "data": str(data),
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "max_length": args.max_length,
+        "samples": report.usable,
+        "mean_length": report.tokens / report.usable,
+        "length_summary": f"{stats['min']}-{stats['max']} tokens, median {stats['p50']}, p90 {stats['p90']}",
+        "parameters": parameters,
+        "cuda": torch.cuda.is_available(),
+        "device": device_name(),
+    }
+
+
+def run_in_child(mode: str, settings: dict) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--settings",
+            json.dumps(settings),
+            "--result",
+            result.name,
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+        subprocess.run(command, check=True, env=env, cwd=REPO)
+        return json.loads(Path(result.name).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8, help="samples per optimizer step")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per mode")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--samples", type=int, default=512, help="generated chats")
+    parser.add_argument("--max_length", type=int, default=1024, help="model_max_length")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 short steps: does every mode run?")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and chart go")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        Path(args.result).write_text(json.dumps(run_mode(args.child, json.loads(args.settings))))
+        return 0
+    if args.smoke:
+        args.batch, args.steps, args.samples, args.max_length = 4, 1, 32, 256
+    settings = prepare(args)
+    matmul = matmul_flops_per_second()
+    results = {}
+    for mode in MODES:
+        results[mode] = run_in_child(mode, settings)
+        r = results[mode]
+        print(f"{mode}: {r['real_tokens'] / r['seconds']:,.0f} real tokens/s", file=sys.stderr)
+    text = table(results, matmul, settings)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "throughput-smoke" if args.smoke else f"throughput-{'gpu' if settings['cuda'] else 'cpu'}"
+    command = "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.out / f"{stem}.md").write_text(f"# Training throughput\n\n`{command.strip()}`\n\n{text}")
+    chart(results, args.out / f"{stem}.png", f"real tokens/s, {settings['device']}")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"settings": settings, "matmul": matmul, "results": results}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The benchmarks run end to end (small settings) and measure what they say; their numbers live in bench/results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, REPO, run_env
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([PYTHON, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_throughput_bench_times_every_mode_on_the_same_samples(tmp_path):
+    bench("bench/throughput.py", "--smoke", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "throughput-smoke.json").read_text())
+    results = report["results"]
+    ours = [results[m] for m in ("reference", "dynamic", "packed")]
+    # the three toolkit modes train on exactly the same samples; only the padding differs
+    assert ours[0]["real_tokens"] == ours[1]["real_tokens"] == ours[2]["real_tokens"] > 0
+    padding = {m: 1 - r["real_tokens"] / r["positions"] for m, r in results.items()}
+    assert padding["reference"] > padding["dynamic"] > 0 == padding["packed"] == padding["trl"]
+    table = (tmp_path / "throughput-smoke.md").read_text()
+    assert all(f"| {m} |" in table for m in results) and "vs TRL" in table
+    assert (tmp_path / "throughput-smoke.png").stat().st_size > 5000
+
+
+def test_profile_bench_runs_every_method(tmp_path):
+    result = bench("bench/profile.py", "--smoke", "--out", str(tmp_path))
+    table = (tmp_path / "profile-small-smoke.md").read_text()
+    for method in ("| LoRA |", "| LoRA + new-token rows |", "| Q-LoRA |"):
+        assert method in table, result.stdout
+    assert "failed" not in table and table.count(" GiB / ") == 3
+
+
+def test_real_model_shapes_have_the_published_parameter_counts(tiny_vl):
+    import importlib.util
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    spec = importlib.util.spec_from_file_location("bench_profile", REPO / "bench" / "profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real_shape_config = module.real_shape_config
+    for size, published in (("3b", 3.75e9), ("7b", 8.29e9)):
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(
+                real_shape_config(size, AutoConfig.from_pretrained(tiny_vl))
+            )
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count / published - 1) < 0.01, (size, count)
