@@ -58,6 +58,8 @@ ENGINES = [
     ("zero2-lora", [*LORA, "--deepspeed", "ds_config_zero2.json"]),
     ("zero3-full", ["--deepspeed", "ds_config_zero3.json"]),
     ("zero3-lora", [*LORA, "--deepspeed", "ds_config_zero3.json"]),
+    # the Qwen scripts call this combination impossible: bnb_4bit_quant_storage in the model's dtype makes it work
+    ("zero3-qlora", [*LORA, "--q_lora", "True", "--deepspeed", "ds_config_zero3.json"]),
     (
         "fsdp-full",
         ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}'],

@@ -242,3 +242,51 @@ def test_eval_loss_and_sample_answers_during_training(tmp_path, tiny_vl):
 def test_tensorboard_logs_when_asked(tmp_path, tiny_text):
     run(tmp_path, tiny_text, "--report_to", "tensorboard", data=DATA / "example_chatml.jsonl")
     assert list((tmp_path / "out").rglob("events.out.tfevents.*"))
+
+
+def test_chatml_rows_left_at_zero_in_a_base_model_are_found_and_trained(tmp_path, tiny_text, caplog):
+    """A base model whose ChatML rows never trained (here: set to zero, as in a checkpoint that reserved them):
+    the rows are chosen by looking at them, not at the model's name, and only they train."""
+    import logging
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "base-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_text)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
+    chatml = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[chatml] = 0
+    model.save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_text / name).is_file():
+            shutil.copy(tiny_text / name, base / name)
+
+    with caplog.at_level(logging.INFO):
+        trainer, watch = run(tmp_path, base, "--use_lora", "True", "--lora_r", "4", data=DATA / "example_chatml.jsonl")
+    assert "training the embedding rows of tokens ['<|im_start|>', '<|im_end|>']" in caplog.text
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(config["trainable_token_indices"]["embed_tokens"]) == sorted(chatml)
+    rows = trainer.model.get_input_embeddings()(torch.tensor([chatml])).squeeze(0)
+    assert rows.abs().sum() > 0 and any("token_adapter" in n for n in watch.changed)  # they learned something
+    assert not any(n.endswith("embed_tokens.weight") for n in watch.trainable)  # only those rows, not the matrix
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the same model with trained rows: nothing extra trains
+        run(tmp_path / "chat", tiny_text, "--use_lora", "True", "--lora_r", "4", data=DATA / "example_chatml.jsonl")
+    assert "training the embedding rows" not in caplog.text
+
+
+def test_length_grouped_sampling_with_dynamic_padding(tmp_path, tiny_text):
+    trainer, watch = run(
+        tmp_path,
+        tiny_text,
+        "--packing",
+        "False",
+        "--train_sampling_strategy",
+        "group_by_length",
+        data=DATA / "example_chatml.jsonl",
+    )
+    assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
+    assert watch.changed == watch.trainable
