@@ -77,6 +77,7 @@ def real_shape_config(size: str, tiny_config):
     config = tiny_config.__class__.from_dict(tiny_config.to_dict())
     for key, value in shape["text"].items():
         setattr(config.text_config, key, value)
+    config.text_config.layer_types = ["full_attention"] * shape["text"]["num_hidden_layers"]
     head_dim = shape["text"]["hidden_size"] // shape["text"]["num_attention_heads"]
     config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [16, 24, 24]}
     assert head_dim == 128  # the mrope sections above are Qwen's, for 128-wide heads
