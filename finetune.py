@@ -32,6 +32,7 @@ from tuning.model import (
     attach_lora,
     compute_dtype,
     count_parameters,
+    is_gptq_checkpoint,
     is_vision_language,
     load_model,
     load_processing,
@@ -144,6 +145,11 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
         problems.append("--lora_vision True has no effect without --use_lora True")
     if training_args.sample_prompts and lora_args.q_lora:
         problems.append("--sample_prompts does not work with --q_lora (a 4-bit model's eval forward breaks training)")
+    if model_args.model_name_or_path and is_gptq_checkpoint(model_args.model_name_or_path):
+        if training_args.bf16:
+            problems.append("a GPTQ checkpoint computes in fp16: use --fp16 True (on a GPU) instead of --bf16")
+        if not training_args.use_lora:
+            problems.append("a GPTQ checkpoint cannot be fine-tuned in full: add --use_lora True (Q-LoRA)")
     if training_args.on_nonfinite == "skip" and training_args.deepspeed:
         problems.append("--on_nonfinite skip does not work with --deepspeed (its gradients live in the engine)")
     if lora_args.lora_r <= 0:

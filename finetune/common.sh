@@ -61,8 +61,19 @@ visible_gpus() {
     "$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0
 }
 
-gpu_supports_bf16() {
-    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 1)" 2>/dev/null
+# The precision flag for this model on this machine: fp16 for a GPTQ checkpoint (its kernels compute in fp16),
+# else bf16 where the GPU has it; nothing on a CPU (fp32).
+precision_flags() {
+    "$PYTHON" - "$1" <<'PYEOF' 2>/dev/null || true
+import sys
+import torch
+from tuning.model import is_gptq_checkpoint
+if torch.cuda.is_available():
+    if is_gptq_checkpoint(sys.argv[1]):
+        print("--fp16 True")
+    elif torch.cuda.is_bf16_supported():
+        print("--bf16 True")
+PYEOF
 }
 
 check_model() {
@@ -117,7 +128,7 @@ launch() {
     MASTER_PORT="${MASTER_PORT:-6001}"
 
     local precision=()
-    if gpu_supports_bf16; then precision=(--bf16 True); fi
+    read -ra precision <<<"$(precision_flags "$MODEL")"
 
     local args=(
         --model_name_or_path "$MODEL"

@@ -27,10 +27,12 @@ PYEOF
 
 requirements=(requirements.txt requirements_web_demo.txt requirements_test.txt requirements_bench.txt)
 stamp="$VENV/.requirements.sha256"
-wanted="$(cat "${requirements[@]}" "$VENV/torch-constraints.txt" | sha256sum | cut -d' ' -f1)"
+wanted="$(cat "${requirements[@]}" requirements_gptq.txt "$VENV/torch-constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]]; then
     echo "setup: installing ${requirements[*]}" >&2
     "$PY" -m pip install --quiet -c "$VENV/torch-constraints.txt" "${requirements[@]/#/-r}"
+    # without its declared dependencies: see the note in requirements_gptq.txt
+    "$PY" -m pip install --quiet --no-deps -c "$VENV/torch-constraints.txt" -r requirements_gptq.txt
     echo "$wanted" >"$stamp"
 fi
 echo "setup: ready ($("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))" >&2

@@ -26,6 +26,31 @@ def tiny_text() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_text_trained_scale(tmp_path_factory) -> Path:
+    """The tiny text model with weights of a trained model's scale (init 0.02): 4-bit rounding of the default
+    tiny model's wide random weights (init 0.2) moves its logits by half their size."""
+    from tuning.tiny import ensure_tiny
+
+    return ensure_tiny("text", tmp_path_factory.mktemp("init002") / "tiny-qwen2", initializer_range=0.02)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq(tiny_text_trained_scale, tmp_path_factory) -> Path:
+    """tiny_text_trained_scale quantized to GPTQ int4 by gptqmodel, calibrated on the tiny corpus (about 30 s)."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "4")  # with 2 cores its default worker split fails
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from tuning.tiny import _corpus_text
+
+    out = tmp_path_factory.mktemp("gptq") / "tiny-qwen2-gptq"
+    texts = [line for line in _corpus_text().splitlines() if line.strip()][:64]
+    model = GPTQModel.load(str(tiny_text_trained_scale), QuantizeConfig(bits=4, group_size=32))
+    model.quantize(texts, batch_size=4)
+    model.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_vl() -> Path:
     from tuning.tiny import ensure_tiny
 

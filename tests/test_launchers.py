@@ -86,3 +86,16 @@ def test_gpus_per_node_starts_that_many_processes(tmp_path, tiny_vl):
     state = json.loads((out / "trainer_state.json").read_text())
     # 3 samples, batch 1 per process, 8 accumulation steps: one optimizer step with two ranks sharing the data
     assert state["global_step"] == 1 and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_launcher_on_a_gptq_checkpoint(tmp_path, tiny_gptq):
+    out = tmp_path / "gptq"
+    data = str(REPO / "data" / "example_chatml.jsonl")
+    result = launch(
+        "finetune_qlora_single_gpu.sh", "-m", str(tiny_gptq), "-d", data, "-o", str(out), "--max_steps", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # on this CPU no precision flag (fp32); on a GPU the launcher passes --fp16 True for a GPTQ checkpoint
+    assert "--bf16" not in result.stderr.split("+ ", 1)[1].splitlines()[0]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_gptq)

@@ -290,3 +290,27 @@ def test_length_grouped_sampling_with_dynamic_padding(tmp_path, tiny_text):
     )
     assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
     assert watch.changed == watch.trainable
+
+
+def test_lora_on_a_gptq_checkpoint_trains_and_merges_into_the_unquantized_base(
+    tmp_path, tiny_gptq, tiny_text_trained_scale
+):
+    from finetune import parse_arguments
+    from tuning.merge import merge
+
+    trainer, watch = run(tmp_path, tiny_gptq, "--use_lora", "True", "--lora_r", "8", data=DATA / "example_chatml.jsonl")
+    quantized = [m for m in trainer.model.modules() if "BaseQuantLinear" in {c.__name__ for c in type(m).__mro__}]
+    assert quantized  # the GPTQ kernels, with the adapters on top
+    lora = {n for n in watch.trainable if "lora_" in n}
+    assert lora and watch.changed == lora == watch.trainable
+
+    result = merge(tmp_path / "out", tmp_path / "merged", base=str(tiny_text_trained_scale))
+    assert result.max_logit_difference < 1e-4  # merged == unquantized base + adapter
+    # measured against the GPTQ model + adapter: the int4 rounding of the base is all that differs
+    assert result.quantized_difference < 0.2 and result.quantized_top1_agreement > 0.8
+
+    problems = ["--model_name_or_path", str(tiny_gptq), "--output_dir", str(tmp_path / "o"), "--bf16", "True"]
+    with pytest.raises(SystemExit) as caught:
+        parse_arguments(problems)
+    assert "a GPTQ checkpoint computes in fp16" in str(caught.value)
+    assert "cannot be fine-tuned in full: add --use_lora True" in str(caught.value)

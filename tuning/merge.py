@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from tuning.model import LoadOptions, load_adapter, load_model, load_processing, resize_for_tokenizer
+from tuning.model import (
+    LoadOptions,
+    is_gptq_checkpoint,
+    load_adapter,
+    load_model,
+    load_processing,
+    resize_for_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,13 +171,17 @@ def merge(
             )
 
     quantized_difference = agreement = None
-    if was_quantized(adapter):
+    trained_on = config.get("base_model_name_or_path")
+    gptq_base = trained_on if trained_on and trained_on != base_model and is_gptq_checkpoint(trained_on) else None
+    if gptq_base or was_quantized(adapter):
+        # the adapter learned on a 4-bit base: the merge goes into the unquantized weights; say how far apart
+        quantized_base = gptq_base or base_model  # GPTQ: its own checkpoint; nf4: the base, quantized on load
         logger.info("the adapter was trained on a 4-bit base: merged into the unquantized %s in %s", base_model, dtype)
-        quantized = load_with_adapter(base_model, adapter, torch_dtype, tokenizer, q_lora=True)
+        quantized = load_with_adapter(quantized_base, adapter, torch_dtype, tokenizer, q_lora=True)
         four_bit, full = logits_on(quantized, inputs), logits_on(merged, inputs)
         quantized_difference, agreement = relative_difference(full, four_bit), top1_agreement(full, four_bit)
         logger.info(
-            "merged vs 4-bit base+adapter (nf4 rounding of the base): max logit difference %.1f%% of the largest "
+            "merged vs 4-bit base+adapter (the base's 4-bit rounding): max logit difference %.1f%% of the largest "
             "logit, same next token at %.0f%% of positions",
             100 * quantized_difference,
             100 * agreement,

@@ -5,6 +5,7 @@ The family (text or vision-language) is read from the model's config, never from
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ logger = logging.getLogger(__name__)
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")
 PROJECTORS = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector")
 OUTPUT_HEADS = ("lm_head",)
-QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt", "QuantLinear")
+# bitsandbytes 4/8-bit, and every GPTQ kernel of gptqmodel (they derive from BaseQuantLinear)
+QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "BaseQuantLinear")
 
 
 def is_vision_language(config) -> bool:
@@ -64,6 +66,14 @@ def quantization_config(options: LoadOptions, config):
     if method is not None and method != "gptq":
         return None
     if method == "gptq":
+        import importlib.util
+
+        if importlib.util.find_spec("gptqmodel") is None:
+            raise ImportError(
+                f"{options.model_name_or_path} is a GPTQ checkpoint: loading it needs gptqmodel "
+                "(pip install gptqmodel; auto-gptq is no longer maintained). Or train Q-LoRA on the unquantized "
+                "model with --q_lora True, which quantizes it with bitsandbytes."
+            )
         # The default CPU kernel is inference-only; "auto_trainable" picks a kernel with a backward pass.
         backend = "auto" if torch.cuda.is_available() else "auto_trainable"
         return GPTQConfig(bits=existing.get("bits", 4) if isinstance(existing, dict) else 4, backend=backend)
@@ -82,6 +92,15 @@ def quantization_config(options: LoadOptions, config):
         # The vision side stays in full precision: it is small, and its projector trains in full.
         llm_int8_skip_modules=[rf".*{name}" for name in (*VISION_TOWERS, *PROJECTORS)] + list(OUTPUT_HEADS),
     )
+
+
+def is_gptq_checkpoint(model_name_or_path: str) -> bool:
+    """Whether a local model folder holds GPTQ weights (read from its config.json, never from its name)."""
+    config = Path(model_name_or_path) / "config.json"
+    if not config.is_file():
+        return False
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    return quantization.get("quant_method") == "gptq"
 
 
 def load_model(options: LoadOptions):
@@ -185,7 +204,8 @@ def lora_target_regex(
     linears = [
         name
         for name, module in model.named_modules()
-        if (isinstance(module, nn.Linear) or type(module).__name__ in QUANTIZED_LINEARS) and allowed(name)
+        if (isinstance(module, nn.Linear) or any(c.__name__ in QUANTIZED_LINEARS for c in type(module).__mro__))
+        and allowed(name)
     ]
     leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
     wanted = leaves if not targets or targets == ["all-linear"] else targets
