@@ -40,6 +40,7 @@ from tuning.model import (
     rope_index_fn,
     set_trainable,
     untrained_token_ids,
+    vision_parts,
 )
 from tuning.train import (
     GuardedTrainer,
@@ -98,6 +99,12 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
     sample_steps: int = field(default=100, metadata={"help": "How often the sample prompts are answered."})
+    vision_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower when it trains (default: --learning_rate)."}
+    )
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision-language projector (default: --learning_rate)."}
+    )
     on_nonfinite: str = field(
         default="stop",
         metadata={
@@ -261,6 +268,17 @@ def data_or_exit(data_args, paths: list[str], encoder, skip_bad_samples: bool):
         raise SystemExit(f"finetune.py: the data cannot be used: {e}") from None
 
 
+def learning_rates_by_part(model, training_args) -> dict[str, float]:
+    """Parameter-name prefixes with their own learning rate: projector first, as it sits inside the tower."""
+    towers, projectors = vision_parts(model)
+    rates = {}
+    if training_args.projector_lr is not None:
+        rates.update(dict.fromkeys(projectors, training_args.projector_lr))
+    if training_args.vision_lr is not None:
+        rates.update(dict.fromkeys(towers, training_args.vision_lr))
+    return rates
+
+
 def is_zero3(training_args) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -357,6 +375,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         data_collator=collator_for(model, tokenizer, encoder, data_args.packing, training_args.world_size),
         callbacks=[*standard_callbacks(training_args, resume, tokenizer, processor), stop_on_signal, *callbacks],
         on_nonfinite=training_args.on_nonfinite,
+        lr_by_prefix=learning_rates_by_part(model, training_args),
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
     trainer.train(resume_from_checkpoint=resume)

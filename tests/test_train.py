@@ -314,3 +314,22 @@ def test_lora_on_a_gptq_checkpoint_trains_and_merges_into_the_unquantized_base(
         parse_arguments(problems)
     assert "a GPTQ checkpoint computes in fp16" in str(caught.value)
     assert "cannot be fine-tuned in full: add --use_lora True" in str(caught.value)
+
+
+def test_vision_tower_and_projector_learn_at_their_own_rates(tmp_path, tiny_vl):
+    flags = ["--fix_vit", "False", "--learning_rate", "1e-3", "--vision_lr", "1e-5", "--projector_lr", "3e-3"]
+    trainer, watch = run(tmp_path, tiny_vl, *flags)
+    rates = {g["initial_lr"]: len(g["params"]) for g in trainer.optimizer.param_groups}
+    assert set(rates) == {1e-3, 1e-5, 3e-3}
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == 1e-3  # the logged rate is the main one
+
+    def mean_change(part: str) -> float:
+        changes = [
+            (p.detach() - watch.before[n]).abs().mean().item()
+            for n, p in trainer.model.named_parameters()
+            if part in n and n.endswith("weight") and p.dim() == 2
+        ]
+        return sum(changes) / len(changes)
+
+    # Adam's steps are about the learning rate in size, whatever the gradient
+    assert mean_change("visual.blocks") < 0.1 * mean_change("language_model.layers") < mean_change("visual.merger")

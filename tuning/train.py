@@ -280,10 +280,36 @@ class GuardedTrainer(Trainer):
     """The Trainer, with a non-finite loss caught where it happens (the stock Trainer averages it out of the
     log and trains on) and the fp16 loss scale logged with the loss."""
 
-    def __init__(self, *args, on_nonfinite: str = "stop", **kwargs):
+    def __init__(self, *args, on_nonfinite: str = "stop", lr_by_prefix: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.on_nonfinite = on_nonfinite
+        self.lr_by_prefix = lr_by_prefix or {}  # e.g. the vision tower and the projector at their own rates
         self.add_callback(NonFiniteGradients(on_nonfinite))
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the parameters under each prefix of lr_by_prefix in groups of their own
+        learning rate (the scheduler then scales every group alike)."""
+        optimizer = super().create_optimizer(model)
+        if self.lr_by_prefix and not getattr(optimizer, "_split_by_prefix", False):
+            names = {id(p): n for n, p in (model or self.model).named_parameters()}
+            main, own = [], []  # the main rate's groups first: the logged learning rate is the first group's
+            for group in optimizer.param_groups:
+                by_lr: dict[float, list] = {group["lr"]: []}
+                for param in group["params"]:
+                    by_lr.setdefault(self._lr_for(names.get(id(param), ""), group["lr"]), []).append(param)
+                for lr, params in by_lr.items():
+                    (main if lr == group["lr"] else own).append({**group, "params": params, "lr": lr})
+            groups = main + [g for g in own if g["params"]]
+            optimizer.param_groups = groups
+            optimizer._split_by_prefix = True
+            logger.info("learning rates by parameter group: %s", sorted({g["lr"] for g in groups}))
+        return optimizer
+
+    def _lr_for(self, name: str, default: float) -> float:
+        for prefix, lr in self.lr_by_prefix.items():  # in order: the projector sits inside the vision tower
+            if name.startswith(prefix + "."):
+                return lr
+        return default
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
