@@ -388,22 +388,27 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
                 f"  {resume_command(argv)}",
                 file=sys.stderr,
             )
-        finish_distributed()
+        leave_distributed(128 + stop_on_signal.received)
         raise SystemExit(128 + stop_on_signal.received)
     save_final(trainer, processor or tokenizer, training_args.output_dir)
     logger.info("saved to %s", training_args.output_dir)
     return trainer
 
 
-def finish_distributed() -> None:
-    """Leave the process group together. A rank that tore down its gloo group while another was still in
-    its last collective (rank 0 saves the most) aborted with "terminate called without an active exception"
-    after its work was done: 2 of 130 tests in one run."""
+def leave_distributed(exit_code: int) -> None:
+    """Under torchrun: all ranks meet at a barrier and then exit at once, skipping interpreter teardown.
+
+    Tearing down gloo's threads at exit now and then aborted a rank after its work was saved ("terminate called
+    without an active exception", SIGABRT: 3 times in 3 full test runs, DDP and ZeRO-3 alike, and
+    with destroy_process_group at the end too). Past the barrier every file is written and closed."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 if __name__ == "__main__":
     train()
-    finish_distributed()
+    leave_distributed(0)
