@@ -399,7 +399,7 @@ def leave_distributed(exit_code: int) -> None:
     """Under torchrun: all ranks meet at a barrier and then exit at once, skipping interpreter teardown.
 
     Tearing down gloo's threads at exit now and then aborted a rank after its work was saved ("terminate called
-    without an active exception", SIGABRT: 3 times in 3 full test runs, DDP and ZeRO-3 alike, and
+    without an active exception", SIGABRT: 3 aborts over 3 full test runs, DDP and ZeRO-3 alike, and
     with destroy_process_group at the end too). Past the barrier every file is written and closed."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
