@@ -88,7 +88,7 @@ def real_shape_config(size: str, tiny_config):
     return config
 
 
-def build_model(size: str, smoke: bool) -> Path:
+def build_model(size: str) -> Path:
     from tuning.tiny import ensure_tiny
 
     if size == "small":
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuning.model import load_processing
 
-    model = build_model(args.size, args.smoke)
+    model = build_model(args.size)
     tokenizer, _, _ = load_processing(str(model))
     lengths = LENGTHS[:1] if args.smoke else LENGTHS
     work = Path(tempfile.mkdtemp(prefix="profile-data-"))

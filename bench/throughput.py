@@ -102,18 +102,6 @@ class FedTokens:
         self.sample_lengths += lengths
 
 
-class PadToMaxCollator:
-    """The Qwen2 reference behaviour: every sample padded to model_max_length, attention mask over the rest."""
-
-    def __init__(self, pad_token_id: int, max_length: int):
-        from tuning.data.collate import PaddingCollator
-
-        self.padding = PaddingCollator(pad_token_id=pad_token_id, pad_to_multiple_of=max_length)
-
-    def __call__(self, features):
-        return self.padding(features)
-
-
 def timed_callback(warmup: int, counter: FedTokens):
     from transformers import TrainerCallback
 
@@ -204,7 +192,8 @@ def run_mode(mode: str, settings: dict) -> dict:
         encoder = Encoder(tokenizer, None, model_type="qwen2", max_length=settings["max_length"])
         dataset, _ = build_dataset([settings["data"]], encoder, show_progress=False)
         inner = {
-            "reference": lambda: PadToMaxCollator(tokenizer.pad_token_id, settings["max_length"]),
+            # the Qwen2 reference behaviour (kept only here): every sample padded to model_max_length
+            "reference": lambda: PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=settings["max_length"]),
             "dynamic": lambda: PaddingCollator(pad_token_id=tokenizer.pad_token_id),
             "packed": lambda: FlatteningCollator(),
         }[mode]()

@@ -55,6 +55,27 @@ def supervised_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[
     return [(tokenizer.decode(ids), supervised) for ids, supervised in runs]
 
 
+def small_run_args(model, out, data: list[str], *flags: str) -> list[str]:
+    """finetune.py arguments of a short, exactly logged run: batch 1, learning rate 1e-3, a loss every step."""
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--data_path",
+        *map(str, data),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "True",
+        *flags,
+    ]
+
+
 def free_port() -> int:
     import socket
 

@@ -8,31 +8,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import DATA
-from tests.helpers import torchrun_finetune, trainer_state
+from tests.helpers import small_run_args, torchrun_finetune, trainer_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-DATA_ARGS = ["--data_path", str(DATA / "example_chatml.jsonl"), str(DATA / "example_pretrain.jsonl")]
+DATA_FILES = [DATA / "example_chatml.jsonl", DATA / "example_pretrain.jsonl"]
 
 
 def torchrun(processes: int, out, model, *flags) -> dict:
-    args = [
-        "--model_name_or_path",
-        str(model),
-        *DATA_ARGS,
-        "--output_dir",
-        str(out),
-        "--per_device_train_batch_size",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--logging_steps",
-        "1",
-        "--disable_tqdm",
-        "True",
-        "--save_strategy",
-        "no",
-        *flags,
-    ]
+    args = small_run_args(model, out, DATA_FILES, "--save_strategy", "no", *flags)
     torchrun_finetune(processes, args)
     return trainer_state(out)
 

@@ -17,37 +17,15 @@ from transformers import TrainerCallback
 
 from finetune import train
 from tests.conftest import DATA, PYTHON, REPO, run_env
-from tests.helpers import free_port, picture, qwen_vl, trainer_state, write_json
+from tests.helpers import free_port, picture, qwen_vl, small_run_args, trainer_state, write_json
 from tuning.train import checkpoint_problems, resolve_resume
 
 pytestmark = pytest.mark.slow
 
 
 def lora_args(model, out, *flags) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(model),
-        "--data_path",
-        str(DATA / "example.json"),
-        str(DATA / "example_openai.jsonl"),
-        "--output_dir",
-        str(out),
-        "--use_lora",
-        "True",
-        "--lora_r",
-        "4",
-        "--per_device_train_batch_size",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--lr_scheduler_type",
-        "cosine",
-        "--logging_steps",
-        "1",
-        "--disable_tqdm",
-        "True",
-        *flags,
-    ]
+    lora = ["--use_lora", "True", "--lora_r", "4", "--lr_scheduler_type", "cosine"]
+    return small_run_args(model, out, [DATA / "example.json", DATA / "example_openai.jsonl"], *lora, *flags)
 
 
 def losses(out) -> dict[int, float]:

@@ -9,30 +9,15 @@ from safetensors.torch import load_file
 
 from finetune import train
 from tests.conftest import DATA
-from tests.helpers import torchrun_finetune, trainer_state
+from tests.helpers import small_run_args, torchrun_finetune, trainer_state
 from tuning.train import checkpoint_problems
 
 pytestmark = pytest.mark.slow
-DATA_ARGS = ["--data_path", str(DATA / "example.json"), str(DATA / "example_openai.jsonl")]  # 5 samples
+DATA_FILES = [DATA / "example.json", DATA / "example_openai.jsonl"]  # 5 samples
 
 
 def finetune(out, model, *flags, deepspeed: str | None = None) -> dict:
-    args = [
-        "--model_name_or_path",
-        str(model),
-        *DATA_ARGS,
-        "--output_dir",
-        str(out),
-        "--per_device_train_batch_size",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--disable_tqdm",
-        "True",
-        "--logging_steps",
-        "1",
-        *flags,
-    ]
+    args = small_run_args(model, out, DATA_FILES, *flags)
     if deepspeed is None:
         train(args)
     else:

@@ -49,6 +49,10 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _problems(check, paths) -> list[str]:
+    return [problem for problem in map(check, paths) if problem]
+
+
 def _weights_problems(folder: Path) -> list[str]:
     files = [folder / name for name in ("model.safetensors", "adapter_model.safetensors") if (folder / name).is_file()]
     index = folder / "model.safetensors.index.json"
@@ -63,7 +67,7 @@ def _weights_problems(folder: Path) -> list[str]:
         files += [folder / s for s in sorted(shards)]
     if not files:
         return ["no weights (model.safetensors, its index or adapter_model.safetensors)"]
-    return [p for p in map(_safetensors_problem, files) if p]
+    return _problems(_safetensors_problem, files)
 
 
 def _optimizer_problems(folder: Path) -> list[str]:
@@ -73,10 +77,10 @@ def _optimizer_problems(folder: Path) -> list[str]:
         states = sorted(tag.glob("*optim_states.pt")) + sorted(tag.glob("*model_states.pt"))
         if not states:
             return [f"DeepSpeed state folder {tag.name} has no optimizer states"]
-        return [p for p in map(_zip_problem, states) if p]
+        return _problems(_zip_problem, states)
     if not (folder / "optimizer.pt").is_file():
         return ["optimizer.pt missing"]
-    return [p for p in [_zip_problem(folder / "optimizer.pt")] if p]
+    return _problems(_zip_problem, [folder / "optimizer.pt"])
 
 
 def checkpoint_problems(folder: str | Path) -> list[str]:
@@ -95,11 +99,11 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
     if not (folder / "scheduler.pt").is_file():
         problems.append("scheduler.pt missing")
     else:
-        problems += [p for p in [_zip_problem(folder / "scheduler.pt")] if p]
+        problems += _problems(_zip_problem, [folder / "scheduler.pt"])
     rng_states = sorted(folder.glob("rng_state*.pth"))
     if not rng_states:
         problems.append("no rng_state*.pth")
-    problems += [p for p in map(_zip_problem, rng_states) if p]
+    problems += _problems(_zip_problem, rng_states)
     return problems
 
 
