@@ -263,6 +263,7 @@ def data_or_exit(data_args, paths: list[str], encoder, skip_bad_samples: bool):
             lazy=data_args.lazy_preprocess,
             skip_bad_samples=skip_bad_samples,
             workers=data_args.preprocessing_num_workers,
+            ignore_unknown_fields=data_args.ignore_unknown_fields,
         )
     except (DataError, DataErrors, FileNotFoundError) as e:
         raise SystemExit(f"finetune.py: the data cannot be used: {e}") from None

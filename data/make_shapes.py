@@ -2,7 +2,8 @@
 
     python data/make_shapes.py [--out data/generated/shapes] [--train 300] [--test 30]
 
-Writes train.json and test.json in Qwen-VL format with `Picture 1: <img>...</img>`. Each picture gets
+Writes train.json and test.json in Qwen-VL format with `Picture 1: <img>...</img>` (or with --format llava,
+LLaVA's `image` field and `<image>` placeholder: the same pictures and answers). Each picture gets
 two questions: the shape's colour (one word, chance 1/3) and where it is (a <ref>/<box> answer in
 [0,1000); the shape sits in one of four quadrants, chance 1/4).
 """
@@ -48,7 +49,19 @@ def normalised(box: tuple[int, int, int, int]) -> str:
     return f"({x1},{y1}),({x2},{y2})"
 
 
-def make_split(folder: Path, name: str, count: int, seed: int) -> Path:
+def sample(sample_id: str, path: str, question: str, answer: str, style: str) -> dict:
+    """One question about one picture, in Qwen-VL's format or in LLaVA's."""
+    if style == "llava":
+        turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+        return {"id": sample_id, "image": path, "conversations": turns}
+    turns = [
+        {"from": "user", "value": f"Picture 1: <img>{path}</img>\n{question}"},
+        {"from": "assistant", "value": answer},
+    ]
+    return {"id": sample_id, "conversations": turns}
+
+
+def make_split(folder: Path, name: str, count: int, seed: int, style: str = "qwen-vl") -> Path:
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     samples = []
@@ -57,29 +70,9 @@ def make_split(folder: Path, name: str, count: int, seed: int) -> Path:
         image, box = draw(rng, colour, shape)
         path = f"images/{name}_{i}.png"
         image.save(folder / path)
-        picture = f"Picture 1: <img>{path}</img>\n"
-        samples.append(
-            {
-                "id": f"{name}_{i}_colour",
-                "colour": colour,
-                "shape": shape,
-                "conversations": [
-                    {"from": "user", "value": picture + COLOUR_QUESTION},
-                    {"from": "assistant", "value": colour},
-                ],
-            }
-        )
-        samples.append(
-            {
-                "id": f"{name}_{i}_where",
-                "colour": colour,
-                "shape": shape,
-                "conversations": [
-                    {"from": "user", "value": picture + WHERE_QUESTION},
-                    {"from": "assistant", "value": f"<ref>the {shape}</ref><box>{normalised(box)}</box>"},
-                ],
-            }
-        )
+        where = f"<ref>the {shape}</ref><box>{normalised(box)}</box>"
+        samples.append(sample(f"{name}_{i}_colour", path, COLOUR_QUESTION, colour, style))
+        samples.append(sample(f"{name}_{i}_where", path, WHERE_QUESTION, where, style))
     out = folder / f"{name}.json"
     out.write_text(json.dumps(samples, indent=1))
     return out
@@ -90,9 +83,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "generated" / "shapes")
     parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--test", type=int, default=30)
+    parser.add_argument("--format", choices=["qwen-vl", "llava"], default="qwen-vl", help="how the samples are written")
     args = parser.parse_args()
-    print(make_split(args.out, "train", args.train, seed=1))
-    print(make_split(args.out, "test", args.test, seed=2))
+    print(make_split(args.out, "train", args.train, seed=1, style=args.format))
+    print(make_split(args.out, "test", args.test, seed=2, style=args.format))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,27 @@ def qwen_vl(sample_id: str, *turns: str, roles=("user", "assistant")) -> dict:
     return {"id": sample_id, "conversations": [{"from": roles[i % 2], "value": t} for i, t in enumerate(turns)]}
 
 
+def reference_ids(processing, conv, encoder: Encoder) -> list[int]:
+    """What apply_chat_template gives at inference for the same messages (grounding already converted), the
+    pictures passed to the processor."""
+    from tuning.data.images import load_image
+
+    tokenizer, processor, _ = processing
+    messages = encoder.template_messages(conv)
+    images = iter(load_image(r) for r in conv.images)
+    for m in messages:
+        if isinstance(m["content"], list):
+            m["content"] = [
+                {"type": "image", "image": next(images)} if p["type"] == "image" else p for p in m["content"]
+            ]
+    owner = processor if conv.images else tokenizer
+    out = owner.apply_chat_template(
+        messages, tools=conv.tools, tokenize=True, return_dict=True, add_vision_id=conv.add_vision_id
+    )
+    ids = out["input_ids"]
+    return ids[0] if isinstance(ids[0], list) else ids
+
+
 def conversations(path: Path) -> list:
     return list(iter_conversations([path]))
 

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import DATA, PYTHON, REPO, run_env
 from tests.helpers import encoder_for, picture, qwen_vl, write_json, write_jsonl
 from tuning.data.dataset import build_dataset
-from tuning.data.errors import DataError, DataErrors
+from tuning.data.errors import DataErrors
 
 BAD_CASES = {
     "unknown role": (
@@ -96,10 +96,10 @@ def test_malformed_jsonl_line_is_named(vl_processing, tmp_path):
 
 def test_malformed_json_file_and_empty_file(vl_processing, tmp_path):
     (tmp_path / "broken.json").write_text('[{"id": 1,]')
-    with pytest.raises(DataError, match="malformed JSON"):
+    with pytest.raises(DataErrors, match="malformed JSON"):
         build_dataset([str(tmp_path / "broken.json")], encoder_for(vl_processing), show_progress=False)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataErrors, match="empty"):
         build_dataset([str(tmp_path / "empty.jsonl")], encoder_for(vl_processing), show_progress=False)
 
 

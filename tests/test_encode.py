@@ -6,19 +6,38 @@ import pytest
 import torch
 
 from tests.conftest import DATA
-from tests.helpers import conversations, encoder_for, picture, qwen_vl, supervised_runs, write_json, write_jsonl
+from tests.helpers import (
+    conversations,
+    encoder_for,
+    picture,
+    qwen_vl,
+    reference_ids,
+    supervised_runs,
+    write_json,
+    write_jsonl,
+)
 from tuning.data.encode import IGNORE_INDEX, DroppedSample
 from tuning.data.errors import DataError
 from tuning.data.formats import ImageRef, iter_conversations
 from tuning.data.images import load_image
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-DATA_FILES = ["example.json", "example_chatml.jsonl", "example_openai.jsonl"]
+DATA_FILES = [
+    "example.json",
+    "example_chatml.jsonl",
+    "example_openai.jsonl",
+    "example_llava.json",
+    "example_sharegpt.json",
+    "example_alpaca.json",
+    "example_swift.jsonl",
+    "example_xtuner.jsonl",
+]
 
 
 def encode_one(processing, path, **kwargs):
     [conv] = conversations(path)
-    return encoder_for(processing, **kwargs).encode(conv)
+    [sample] = encoder_for(processing, **kwargs).encode(conv)
+    return sample
 
 
 def test_golden_single_turn(text_processing, tmp_path):
@@ -98,28 +117,12 @@ def test_golden_chatml_ids_are_literal(text_processing, tmp_path):
     assert (start, end) == (len(tokenizer) - 13, len(tokenizer) - 12)
 
 
-def reference_ids(vl_processing, conv, encoder) -> list[int]:
-    """What apply_chat_template gives at inference for the same messages (grounding already converted)."""
-    tokenizer, processor, _ = vl_processing
-    sizes = encoder._resized_sizes(encoder._process_images([load_image(r) for r in conv.images])[1])
-    messages = encoder._template_messages(conv, sizes)
-    images = iter(load_image(r) for r in conv.images)
-    for m in messages:
-        if isinstance(m["content"], list):
-            m["content"] = [
-                {"type": "image", "image": next(images)} if p["type"] == "image" else p for p in m["content"]
-            ]
-    owner = processor if conv.images else tokenizer
-    out = owner.apply_chat_template(messages, tokenize=True, return_dict=True, add_vision_id=conv.add_vision_id)
-    ids = out["input_ids"]
-    return ids[0] if isinstance(ids[0], list) else ids
-
-
 @pytest.mark.parametrize("name", DATA_FILES)
 def test_parity_with_apply_chat_template_for_every_shipped_sample(vl_processing, name):
     encoder = encoder_for(vl_processing)
     for conv in iter_conversations([DATA / name]):
-        assert encoder.encode(conv).input_ids == reference_ids(vl_processing, conv, encoder), conv.id
+        [sample] = encoder.encode(conv)
+        assert sample.input_ids == reference_ids(vl_processing, conv, encoder), conv.id
 
 
 @pytest.mark.parametrize("name", DATA_FILES)
@@ -127,12 +130,16 @@ def test_supervised_tokens_are_the_assistant_contents(vl_processing, name):
     tokenizer = vl_processing[0]
     encoder = encoder_for(vl_processing)
     for conv in iter_conversations([DATA / name]):
-        sample = encoder.encode(conv)
+        [sample] = encoder.encode(conv)
         supervised = [
             run for run, is_supervised in supervised_runs(tokenizer, sample.input_ids, sample.labels) if is_supervised
         ]
-        sizes = encoder._resized_sizes(sample.image_grid_thw)
-        contents = [m["content"] for m in encoder._template_messages(conv, sizes) if m["role"] == "assistant"]
+        messages = encoder.template_messages(conv)
+        contents = [
+            m["content"]
+            for m, turn in zip(messages, conv.messages, strict=True)
+            if turn.trained and m["role"] == "assistant"
+        ]
         contents = [c if isinstance(c, str) else "".join(p["text"] for p in c) for c in contents]
         assert supervised == [c + "<|im_end|>" for c in contents], conv.id
 
@@ -254,7 +261,7 @@ def test_overlong_keeps_whole_turns_and_never_cuts_an_image(vl_processing, tmp_p
 
 def test_pretraining_text_trains_every_token(text_processing):
     [conv, *_] = iter_conversations([DATA / "example_pretrain.jsonl"])
-    sample = encoder_for(text_processing).encode(conv)
+    [sample] = encoder_for(text_processing).encode(conv)
     assert sample.labels == sample.input_ids
     assert text_processing[0].decode(sample.input_ids) == conv.pretrain_text + "<|endoftext|>"
 
@@ -267,7 +274,7 @@ def test_images_in_data_for_a_text_model_is_an_error(text_processing):
 
 def test_pixels_match_the_processor(vl_processing):
     conv = next(c for c in iter_conversations([DATA / "example.json"]) if c.images)
-    sample = encoder_for(vl_processing).encode(conv)
+    [sample] = encoder_for(vl_processing).encode(conv)
     expected = vl_processing[1].image_processor(
         images=[load_image(ImageRef(r.source, r.base_dir)) for r in conv.images], return_tensors="pt"
     )

@@ -34,8 +34,8 @@ COMMON = [
 ]
 
 
-def generate(script: str, out) -> None:
-    subprocess.run([PYTHON, f"data/{script}", "--out", str(out)], cwd=REPO, check=True, capture_output=True)
+def generate(script: str, out, *args: str) -> None:
+    subprocess.run([PYTHON, f"data/{script}", "--out", str(out), *args], cwd=REPO, check=True, capture_output=True)
 
 
 def losses(folder) -> list[float]:
@@ -75,9 +75,11 @@ def test_identity_is_learned_and_survives_the_merge(tmp_path, tiny_text):
     assert curve[-1] < curve[0] / 10 and (adapter / "loss.png").stat().st_size > 5_000
 
 
-def test_vision_answers_come_from_the_pixels(tmp_path, tiny_vl):
+@pytest.mark.parametrize("style", ["qwen-vl", "llava"])
+def test_vision_answers_come_from_the_pixels(tmp_path, tiny_vl, style):
+    """The same pictures and answers written as Qwen-VL data or as LLaVA data: the pixels arrive either way."""
     folder = tmp_path / "shapes"
-    generate("make_shapes.py", folder)
+    generate("make_shapes.py", folder, "--format", style)
     test = folder / "test.json"
     base = Chat(*load_for_chat(str(tiny_vl)), settings=GenerationSettings(16))
     assert exact_match(base, test, "_colour").accuracy < 0.5

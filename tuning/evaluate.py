@@ -39,15 +39,24 @@ class Score:
         return f"{self.correct}/{self.total} ({self.accuracy:.0%})"
 
 
+@dataclass
+class HeldOut:
+    question: str
+    images: list[Image.Image]
+    expected: str
+    labelled: bool  # the data labels its pictures "Picture N:" (Qwen-VL), so the question is asked that way
+
+
 def single_turn_samples(path: str | Path, id_suffix: str | None = None):
-    """(question, images, expected answer) of every single-exchange sample, optionally filtered by id suffix."""
+    """Every single-exchange sample (question, pictures, expected answer), optionally filtered by id suffix."""
     for conv in iter_conversations([path]):
         if not hasattr(conv, "messages") or len(conv.messages) != 2:
             continue
         if id_suffix and not conv.id.endswith(id_suffix):
             continue
         user, assistant = conv.messages
-        yield user.text.strip(), [load_image(ref) for ref in user.images], assistant.text.strip()
+        images = [load_image(ref) for ref in user.images]
+        yield HeldOut(user.text.strip(), images, assistant.text.strip(), conv.add_vision_id)
 
 
 def pictures_for(mode: str, images: list[list[Image.Image]], seed: int = 0) -> list[list[Image.Image]]:
@@ -80,17 +89,17 @@ def is_correct(chat: Chat, answer: str, expected: str, image: Image.Image | None
 
 
 def exact_match(chat: Chat, path: str | Path, id_suffix: str | None = None, picture: str = "real") -> Score:
+    """Each question asked as the data writes it: with "Picture N:" labels only where the data has them."""
     samples = list(single_turn_samples(path, id_suffix))
-    questions = [s[0] for s in samples]
-    expected = [s[2] for s in samples]
-    images = pictures_for(picture, [s[1] for s in samples])
+    images = pictures_for(picture, [s.images for s in samples])
     correct, examples = 0, []
-    for question, imgs, want in zip(questions, images, expected, strict=True):
+    for sample, imgs in zip(samples, images, strict=True):
         chat.reset()
-        answer = chat.ask(question, imgs or None).strip()
-        correct += is_correct(chat, answer, want, imgs[-1] if imgs else None)
+        chat.add_vision_id = sample.labelled
+        answer = chat.ask(sample.question, imgs or None).strip()
+        correct += is_correct(chat, answer, sample.expected, imgs[-1] if imgs else None)
         if len(examples) < 3:
-            examples.append((question, want, answer))
+            examples.append((sample.question, sample.expected, answer))
     return Score(correct, len(samples), examples)
 
 
@@ -98,10 +107,12 @@ def draw_first_grounded(chat: Chat, path: str | Path, out: Path) -> str | None:
     """Ask the first grounding question of the data and draw the boxes of the answer on its picture."""
     from tuning.demo import draw_boxes
 
-    for question, images, expected in single_turn_samples(path):
-        if grounding.has_grounding(expected) and images:
+    for sample in single_turn_samples(path):
+        images = sample.images
+        if grounding.has_grounding(sample.expected) and images:
             chat.reset()
-            answer = chat.ask(question, images)
+            chat.add_vision_id = sample.labelled
+            answer = chat.ask(sample.question, images)
             boxes = answer_boxes(answer, chat.model.config.model_type, chat.processor, images[-1])
             big = images[-1].resize((images[-1].width * 4, images[-1].height * 4), Image.NEAREST)
             draw_boxes(big, boxes).save(out)

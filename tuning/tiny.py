@@ -60,6 +60,9 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3 adds these as ordinary (not special) tokens: the template writes them, the model generates them.
+QWEN3_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+
 # Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
 PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -68,10 +71,13 @@ PRETOKENIZE_REGEX = (
 
 KINDS = {
     "text": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen2-vl": "Qwen2VLForConditionalGeneration",
     "qwen3-vl": "Qwen3VLForConditionalGeneration",
 }
+
+TEXT_KINDS = ("text", "qwen3")
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models"
 
@@ -99,12 +105,21 @@ class TinySpec:
 
     def fingerprint(self) -> str:
         corpus = _corpus_text().encode()
-        blob = json.dumps(asdict(self), sort_keys=True).encode() + corpus + CHAT_TEMPLATE.encode()
+        blob = json.dumps(asdict(self), sort_keys=True).encode() + corpus + chat_template(self.kind).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _corpus_text() -> str:
     return resources.files("tuning").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
+
+
+def chat_template(kind: str) -> str:
+    """Qwen2.5-VL's ChatML template, or for the Qwen3 kind the official Qwen3 template (thinking, tools), as
+    shipped in Qwen3's tokenizer_config.json."""
+    if kind != "qwen3":
+        return CHAT_TEMPLATE
+    asset = resources.files("tuning").joinpath("assets/qwen3_chat_template.jinja")
+    return asset.read_text(encoding="utf-8").rstrip("\n")
 
 
 def build_tokenizer(spec: TinySpec):
@@ -143,7 +158,9 @@ def build_tokenizer(spec: TinySpec):
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if spec.kind == "qwen3":
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_TOKENS])
+    tokenizer.chat_template = chat_template(spec.kind)
     return tokenizer
 
 
@@ -197,6 +214,10 @@ def build_config(spec: TinySpec, tokenizer):
     vision = {"depth": spec.vision_depth, "num_heads": 2, "initializer_range": spec.initializer_range}
     if spec.kind == "text":
         return tf.Qwen2Config(**text, tie_word_embeddings=True, rope_parameters={"rope_theta": 1000000.0})
+    if spec.kind == "qwen3":
+        return tf.Qwen3Config(
+            **text, head_dim=head_dim, tie_word_embeddings=True, rope_parameters={"rope_theta": 1000000.0}
+        )
     if spec.kind == "vl":
         vision_config = {
             **vision,
@@ -274,7 +295,7 @@ def build(spec: TinySpec, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     model.save_pretrained(staging)
-    if spec.kind == "text":
+    if spec.kind in TEXT_KINDS:
         tokenizer.save_pretrained(staging)
     else:
         build_processor(spec, tokenizer).save_pretrained(staging)
@@ -295,7 +316,13 @@ def is_current(spec: TinySpec, folder: Path) -> bool:
 
 
 def default_folder(kind: str) -> Path:
-    names = {"text": "tiny-qwen2", "vl": "tiny-qwen2.5-vl", "qwen2-vl": "tiny-qwen2-vl", "qwen3-vl": "tiny-qwen3-vl"}
+    names = {
+        "text": "tiny-qwen2",
+        "qwen3": "tiny-qwen3",
+        "vl": "tiny-qwen2.5-vl",
+        "qwen2-vl": "tiny-qwen2-vl",
+        "qwen3-vl": "tiny-qwen3-vl",
+    }
     return DEFAULT_ROOT / names[kind]
 
 
@@ -310,7 +337,9 @@ def ensure_tiny(kind: str = "vl", out: Path | None = None, **sizes) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=sorted(KINDS), default="vl", help="text = Qwen2, vl = Qwen2.5-VL")
+    parser.add_argument(
+        "--kind", choices=sorted(KINDS), default="vl", help="text = Qwen2, qwen3 = Qwen3, vl = Qwen2.5-VL"
+    )
     parser.add_argument("--out", type=Path, help="target folder (default: models/tiny-<family>)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical build is there")
     for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):

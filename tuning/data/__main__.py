@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_bad_samples=True,
             show_progress=sys.stderr.isatty(),
             workers=data_args.preprocessing_num_workers,
+            ignore_unknown_fields=data_args.ignore_unknown_fields,
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

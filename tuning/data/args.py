@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tuning.data.encode import OVERLONG_POLICIES, Encoder
 from tuning.data.grounding import CONVENTIONS
 from tuning.data.images import ImageLimits
+from tuning.data.template import use_template_file
 
 LIST_FLAGS = ("--data_path", "--eval_data_path")
 
@@ -16,8 +18,9 @@ class DataArguments:
     data_path: list[str] = field(
         default_factory=lambda: ["data/example.json"],
         metadata={
-            "help": "Training data: JSON or JSONL files (Qwen-VL, ChatML, OpenAI messages or {'text'}), "
-            "parquet, or a saved datasets folder. Several may be given, and formats may be mixed."
+            "help": "Training data: JSON, JSONL, parquet or CSV files, or a saved datasets folder, in any format "
+            "of the README's table (Qwen-VL, LLaVA, ShareGPT, OpenAI/ms-swift messages, alpaca, ...). Several "
+            "may be given, and formats may be mixed."
         },
     )
     eval_data_path: list[str] | None = field(
@@ -63,6 +66,33 @@ class DataArguments:
         default=False,
         metadata={"help": "Drop bad samples (listed in the data report) instead of refusing to start."},
     )
+    ignore_unknown_fields: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on samples with fields the readers do not know, without those fields (each is "
+            "counted in the data report). Default: such a field is an error, so that nothing is dropped silently."
+        },
+    )
+    train_on_last_turn_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Supervise only the last assistant turn of each conversation (LLaMA-Factory's mask_history)."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jinja file that replaces the model's chat template (for a base model without one, or a "
+            "house template); it is saved with the output, so the trained model renders the same way everywhere."
+        },
+    )
+    enable_thinking: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Passed to the chat template (Qwen3): False renders every prompt in non-thinking mode, with the "
+            "empty think block in the context. Default: the template's own default."
+        },
+    )
     max_images_per_sample: int = field(default=32, metadata={"help": "Most images one sample may carry."})
     image_timeout: float = field(default=20.0, metadata={"help": "Seconds to wait for an image URL to answer."})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "Largest image file or download."})
@@ -83,6 +113,8 @@ class DataArguments:
             found.append(f"--model_max_length {self.model_max_length} is too small to hold a conversation")
         if not self.data_path:
             found.append("--data_path is empty: give at least one data file")
+        if self.chat_template and not Path(self.chat_template).is_file():
+            found.append(f"--chat_template {self.chat_template}: no such file")
         return found
 
     def image_limits(self) -> ImageLimits:
@@ -90,7 +122,14 @@ class DataArguments:
             read_timeout=self.image_timeout, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels
         )
 
+    def template_kwargs(self) -> dict:
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+
     def encoder(self, tokenizer, processor, model_type: str) -> Encoder:
+        """The encoder for these options; a --chat_template file is put on the tokenizer (and processor)
+        first, so that everything saved afterwards carries it."""
+        if self.chat_template:
+            use_template_file(self.chat_template, tokenizer, processor)
         return Encoder(
             tokenizer,
             processor,
@@ -101,6 +140,8 @@ class DataArguments:
             image_folder=self.image_folder,
             image_limits=self.image_limits(),
             max_images=self.max_images_per_sample,
+            template_kwargs=self.template_kwargs(),
+            train_on_last_turn_only=self.train_on_last_turn_only,
         )
 
 

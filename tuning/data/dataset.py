@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from tuning.data import grounding
+from tuning.data.conversation import BoxRef
 from tuning.data.encode import DroppedSample, Encoder, Sample
 from tuning.data.errors import DataError, DataErrors
 from tuning.data.formats import Conversation, iter_conversations
@@ -22,24 +24,34 @@ class DataReport:
 
     files: list[str]
     read: int = 0
-    usable: int = 0
+    usable: int = 0  # conversations that gave at least one training sample
+    samples: int = 0  # training samples: more than `usable` where a template rewrites history
     truncated: list[str] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)  # {"id", "reason"}
     bad: list[str] = field(default_factory=list)  # messages of samples skipped by --skip_bad_samples
     tokens: int = 0
     supervised_tokens: int = 0
     images: int = 0
+    formats: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> detected format -> records
+    ignored_fields: dict[str, int] = field(default_factory=dict)  # --ignore_unknown_fields: key -> samples
     lengths: list[int] = field(default_factory=list, repr=False)
     added_tokens: list[str] = field(default_factory=list)
 
     def add(self, sample: Sample) -> None:
-        self.usable += 1
+        self.samples += 1
         self.tokens += len(sample.input_ids)
         self.supervised_tokens += sample.num_supervised
         self.images += sample.num_images
         self.lengths.append(len(sample.input_ids))
         if sample.truncated:
             self.truncated.append(sample.id)
+
+    def count_read(self, conversations: list[Conversation]) -> None:
+        for conv in conversations:
+            per_file = self.formats.setdefault(conv.file, {})
+            per_file[conv.format] = per_file.get(conv.format, 0) + 1
+        ignored = Counter(key for conv in conversations for key in set(conv.ignored_fields))
+        self.ignored_fields = dict(sorted(ignored.items()))
 
     def percentiles(self) -> dict[str, int]:
         if not self.lengths:
@@ -49,14 +61,27 @@ class DataReport:
         return {"min": ordered[0], "p50": pick[50], "p90": pick[90], "p99": pick[99], "max": ordered[-1]}
 
     def summary(self) -> str:
-        lines = [
-            f"data: {', '.join(self.files)}",
-            f"  samples read {self.read}, usable {self.usable}, truncated {len(self.truncated)}, "
+        split = (
+            f" -> {self.samples} training samples (the chat template rewrites earlier turns, so some "
+            "conversations train in several samples)"
+            if self.samples > self.usable
+            else ""
+        )
+        lines = [f"data: {', '.join(self.files)}"]
+        lines += [
+            f"  {file}: " + ", ".join(f"{name} {count}" for name, count in sorted(found.items()))
+            for file, found in self.formats.items()
+        ]
+        lines += [
+            f"  samples read {self.read}, usable {self.usable}{split}, truncated {len(self.truncated)}, "
             f"dropped {len(self.dropped)}, bad {len(self.bad)}",
             f"  tokens {self.tokens} (supervised {self.supervised_tokens}), images {self.images}",
         ]
         if self.lengths:
             lines.append("  length " + ", ".join(f"{k} {v}" for k, v in self.percentiles().items()))
+        if self.ignored_fields:
+            ignored = ", ".join(f"{key} ({count} samples)" for key, count in self.ignored_fields.items())
+            lines.append(f"  ignored fields (--ignore_unknown_fields): {ignored}")
         lines += [f"  truncated: {sample_id}" for sample_id in self.truncated]
         lines += [f"  dropped: {d['id']}: {d['reason']}" for d in self.dropped]
         lines += [f"  bad (skipped): {message}" for message in self.bad]
@@ -101,21 +126,23 @@ class EagerDataset(Dataset):
 
 
 class LazyDataset(Dataset):
-    """Samples encoded on access and not kept; validated in full before training all the same."""
+    """Samples encoded on access and not kept; validated in full before training all the same.
 
-    def __init__(self, conversations: list[Conversation], encoder: Encoder, lengths: list[int]):
-        self.conversations = conversations
+    `entries` holds (conversation, which of its samples) for every training sample, in order."""
+
+    def __init__(self, entries: list[tuple[Conversation, int]], encoder: Encoder, lengths: list[int]):
+        self.entries = entries
         self.encoder = encoder
         self._lengths = lengths
 
     def __len__(self) -> int:
-        return len(self.conversations)
+        return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
-        conv = self.conversations[index]
+        conv, part = self.entries[index]
         try:
-            return sample_to_features(self.encoder.encode(conv))
-        except (DataError, DroppedSample) as e:
+            return sample_to_features(self.encoder.encode(conv)[part])
+        except (DataError, DroppedSample, IndexError) as e:
             # It passed validation before training, so its file or image changed since: stop loudly.
             raise RuntimeError(
                 f"sample {conv.id} ({conv.origin}) failed on access after passing validation: {e}"
@@ -126,11 +153,14 @@ class LazyDataset(Dataset):
         return self._lengths
 
 
-def parse_all(paths: Iterable[str], report: DataReport) -> tuple[list[Conversation], list[DataError]]:
+def parse_all(
+    paths: Iterable[str], report: DataReport, ignore_unknown_fields: bool = False
+) -> tuple[list[Conversation], list[DataError]]:
     conversations, errors = [], []
-    for item in iter_conversations(paths):
+    for item in iter_conversations(paths, ignore_unknown_fields):
         report.read += 1
         (errors if isinstance(item, DataError) else conversations).append(item)
+    report.count_read(conversations)
     return conversations, errors
 
 
@@ -138,8 +168,8 @@ def add_grounding_tokens(conversations: list[Conversation], encoder: Encoder) ->
     """Qwen-VL tags become special tokens when the model has no grounding tokens of its own."""
     if encoder.convention != "qwen-vl":
         return []
-    texts = (part for c in conversations for m in c.messages for part in m.parts if isinstance(part, str))
-    if not any(grounding.has_grounding(t) for t in texts):
+    parts = [part for c in conversations for m in c.messages for part in m.parts]
+    if not any(isinstance(p, BoxRef) or (isinstance(p, str) and grounding.has_grounding(p)) for p in parts):
         return []
     vocab = encoder.tokenizer.get_vocab()
     missing = [tag for tag in grounding.QWEN_VL_TAGS if tag not in vocab]
@@ -157,13 +187,12 @@ def _set_worker_encoder(encoder: Encoder) -> None:
 
 
 def _encode(conv: Conversation, encoder: Encoder | None = None) -> tuple[str, object]:
-    """("ok", Sample) | ("bad", DataError fields) | ("dropped", (id, reason)): plain values cross processes."""
+    """("ok", ([Sample], [(id, reason) dropped])) | ("bad", DataError fields): plain values cross processes."""
     try:
-        return "ok", (encoder or _worker_encoder).encode(conv)
+        samples, dropped = (encoder or _worker_encoder).encode_parts(conv)
     except DataError as e:
         return "bad", asdict(e)
-    except DroppedSample as e:
-        return "dropped", (e.sample_id, e.reason)
+    return "ok", (samples, [(d.sample_id, d.reason) for d in dropped])
 
 
 def _encode_all(conversations: list[Conversation], encoder: Encoder, workers: int, show_progress: bool):
@@ -188,30 +217,31 @@ def build_dataset(
     skip_bad_samples: bool = False,
     show_progress: bool = True,
     workers: int = 1,
+    ignore_unknown_fields: bool = False,
 ) -> tuple[Dataset, DataReport]:
     """Read, validate and encode every sample. Raises DataErrors listing every bad sample, unless skipping."""
     report = DataReport(files=[str(p) for p in paths])
-    conversations, errors = parse_all(paths, report)
+    conversations, errors = parse_all(paths, report, ignore_unknown_fields)
     report.added_tokens = add_grounding_tokens(conversations, encoder)
-    kept, samples = [], []
+    entries, samples = [], []
     for conv, (outcome, value) in zip(
         conversations, _encode_all(conversations, encoder, workers, show_progress), strict=True
     ):
         if outcome == "bad":
             errors.append(DataError(**value))
             continue
-        if outcome == "dropped":
-            report.dropped.append({"id": value[0], "reason": value[1]})
-            continue
-        sample = value
-        report.add(sample)
-        kept.append(conv)
-        if not lazy:
-            samples.append(sample)
+        kept, dropped = value
+        report.dropped += [{"id": sample_id, "reason": reason} for sample_id, reason in dropped]
+        report.usable += bool(kept)
+        for part, sample in enumerate(kept):
+            report.add(sample)
+            entries.append((conv, part))
+            if not lazy:
+                samples.append(sample)
     if errors and not skip_bad_samples:
         raise DataErrors(errors)
     report.bad = [str(e) for e in errors]
-    if not kept:
+    if not entries:
         raise DataErrors(errors or [DataError(", ".join(report.files), "all samples", "no usable sample", "")])
-    dataset = LazyDataset(kept, encoder, report.lengths[:]) if lazy else EagerDataset(samples)
+    dataset = LazyDataset(entries, encoder, report.lengths[:]) if lazy else EagerDataset(samples)
     return dataset, report

@@ -52,6 +52,12 @@ def _check_box(coords: list[float], source: str) -> None:
         raise GroundingError(f"box {source} has its corners swapped; write (left,top),(right,bottom)")
 
 
+def box_tag(coords) -> str:
+    """Qwen-VL's <box> for [0,1000) coordinates, rounded to whole numbers as Qwen-VL writes them."""
+    x1, y1, x2, y2 = (round(c) for c in coords)
+    return f"<box>({x1},{y1}),({x2},{y2})</box>"
+
+
 def convert(text: str, convention: str, image_size: tuple[int, int] | None = None) -> str:
     """Rewrite Qwen-VL grounding tags in `text` for `convention`.
 
@@ -71,7 +77,7 @@ def convert(text: str, convention: str, image_size: tuple[int, int] | None = Non
         coords = [float(c) for c in match.groups()]
         _check_box(coords, match.group(0))
         if convention == "qwen-vl":
-            return match.group(0)
+            return box_tag(coords)
         if convention == "qwen2.5-vl":
             width, height = image_size
             scale = (width, height, width, height)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from tuning.data.formats import ImageRef
+from tuning.data.conversation import ImageRef
 
 
 class ImageLoadError(ValueError):
