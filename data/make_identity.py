@@ -1,8 +1,9 @@
 """Generate the self-cognition exercise: many ways to ask "who are you", one fixed answer.
 
-    python data/make_identity.py [--out data/generated/identity.json] [--name 小千] [--count 96]
+    python data/make_identity.py [--out data/generated/identity.json] [--name 小千] [--count 96] [--reasoning]
 
-Train and held-out phrasings are disjoint, so the test asks in words the model never saw.
+Train and held-out phrasings are disjoint, so the test asks in words the model never saw. With --reasoning
+each answer starts with a short <think>...</think> block, as a reasoning model (Qwen3) writes it.
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ QUESTIONS_EN = [
     "Your name?",
     "Say who you are.",
 ]
+REASONING = "The user asks who I am. I answer with my name."
 HELD_OUT = ["你到底是谁呀？", "Could you tell me who you are?"]
 PREFIXES = ["", "你好！", "Hello! ", "嗨，", "Hi there. "]
 
 
-def samples(name: str, name_en: str, count: int, seed: int = 0) -> list[dict]:
+def samples(name: str, name_en: str, count: int, seed: int = 0, reasoning: bool = False) -> list[dict]:
     rng = random.Random(seed)
     answer = ANSWER.format(name=name, name_en=name_en)
+    if reasoning:
+        answer = f"<think>\n{REASONING}\n</think>\n\n{answer}"
     questions = QUESTIONS_ZH + QUESTIONS_EN
     out = []
     for i in range(count):
@@ -67,9 +71,11 @@ def main() -> None:
     parser.add_argument("--name", default="小千")
     parser.add_argument("--name_en", default="Xiaoqian")
     parser.add_argument("--count", type=int, default=96)
+    parser.add_argument("--reasoning", action="store_true", help="answers start with a <think>...</think> block")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(samples(args.name, args.name_en, args.count), ensure_ascii=False, indent=1))
+    records = samples(args.name, args.name_en, args.count, reasoning=args.reasoning)
+    args.out.write_text(json.dumps(records, ensure_ascii=False, indent=1))
     print(args.out)
 
 

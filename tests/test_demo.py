@@ -17,7 +17,7 @@ from PIL import Image
 from tests.conftest import PYTHON, REPO, run_env
 from tests.helpers import free_port
 from tuning.data.grounding import Box, find_boxes, strip_tags
-from tuning.demo import draw_boxes, history_to_messages, latest_image
+from tuning.demo import draw_boxes, history_to_messages, latest_image, shown_turn, split_thinking
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -46,6 +46,29 @@ def test_history_becomes_model_messages_with_raw_answers():
     ]
     assert latest_image(history_to_messages(history, raw)) == "/up/b.jpg"
     assert history_to_messages([{"role": "user", "content": "hi"}], []) == [{"role": "user", "content": "hi"}]
+
+
+def test_reasoning_is_folded_and_the_raw_answer_kept_for_the_next_turn():
+    assert split_thinking("<think>\nadd them\n</think>\n\n4") == ("add them", "4")
+    assert split_thinking("add them\n</think>\n\n4") == ("add them", "4")  # the prompt opened the block
+    assert split_thinking("<think>\nstill thinking") == ("still thinking", "")
+    assert split_thinking("4") == (None, "4")
+    shown = shown_turn("<think>\nadd them\n</think>\n\n<ref>it</ref><box>(1,2),(3,4)</box>")
+    assert shown == [
+        {"role": "assistant", "content": "add them", "metadata": {"title": "Thinking"}},
+        {"role": "assistant", "content": "it"},
+    ]
+    history = [
+        {"role": "user", "content": "2+2?"},
+        *shown_turn("<think>\nadd\n</think>\n\n4"),
+        {"role": "user", "content": "x3?"},
+    ]
+    raw = ["<think>\nadd\n</think>\n\n4"]
+    assert history_to_messages(history, raw) == [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": raw[0]},  # the template decides what of it the next prompt keeps
+        {"role": "user", "content": "x3?"},
+    ]
 
 
 def test_a_known_box_lands_on_known_pixels():

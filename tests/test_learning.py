@@ -75,6 +75,38 @@ def test_identity_is_learned_and_survives_the_merge(tmp_path, tiny_text):
     assert curve[-1] < curve[0] / 10 and (adapter / "loss.png").stat().st_size > 5_000
 
 
+def test_qwen3_learns_an_answer_with_its_reasoning_and_survives_the_merge(tmp_path):
+    """The tiny Qwen3 (official template): LoRA trains on answers with a <think> block and merges; greedy decoding
+    then writes the reasoning and the answer, for a phrasing never trained on too."""
+    from tuning.tiny import ensure_tiny
+
+    model = ensure_tiny("qwen3")
+    data = tmp_path / "identity.json"
+    generate("make_identity.py", data, "--reasoning")
+    expected = json.loads(data.read_text())[0]["conversations"][1]["value"]
+    adapter = tmp_path / "lora"
+    train(
+        [
+            "--model_name_or_path",
+            str(model),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(adapter),
+            "--num_train_epochs",
+            "20",
+            "--per_device_train_batch_size",
+            "8",
+            *COMMON,
+        ]
+    )
+    merge(adapter, tmp_path / "merged")
+    tuned = Chat(*load_for_chat(str(tmp_path / "merged")), settings=GenerationSettings(96))
+    for question in ("你是谁？", "Could you tell me who you are?"):
+        tuned.reset()
+        assert tuned.ask(question).strip() == expected, question
+
+
 @pytest.mark.parametrize("style", ["qwen-vl", "llava"])
 def test_vision_answers_come_from_the_pixels(tmp_path, tiny_vl, style):
     """The same pictures and answers written as Qwen-VL data or as LLaVA data: the pixels arrive either way."""

@@ -333,3 +333,24 @@ def test_vision_tower_and_projector_learn_at_their_own_rates(tmp_path, tiny_vl):
 
     # Adam's steps are about the learning rate in size, whatever the gradient
     assert mean_change("visual.blocks") < 0.1 * mean_change("language_model.layers") < mean_change("visual.merger")
+
+
+def test_a_chat_template_file_is_used_saved_and_answers_with_it(tmp_path, tiny_text):
+    """--chat_template replaces the model's template for training, and the saved model carries it, so the chat
+    command (and vLLM) render prompts the way the model was trained."""
+    from tests.conftest import REPO
+    from tuning.chat import Chat, GenerationSettings, load_for_chat
+
+    template = REPO / "tests" / "fixtures" / "templates" / "qwen2.5.jinja"
+    run(tmp_path, tiny_text, "--use_lora", "True", "--chat_template", str(template), data=DATA / "example_chatml.jsonl")
+    out = tmp_path / "out"
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["usable"] == 3
+    model, tokenizer, processor = load_for_chat(str(tiny_text), str(out))
+    assert tokenizer.chat_template == template.read_text(encoding="utf-8")
+    prompt = Chat(model, tokenizer, processor, settings=GenerationSettings(4))._inputs(
+        [{"role": "user", "content": "hi"}]
+    )
+    assert tokenizer.decode(prompt["input_ids"][0]).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud."
+    )

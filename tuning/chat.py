@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from tuning.data import grounding
+from tuning.data.template import ChatTemplate
 from tuning.model import LoadOptions, is_vision_language, load_adapter, load_model, load_processing, set_use_cache
 
 
@@ -67,31 +68,31 @@ class Chat:
     messages: list[dict] = field(default_factory=list)
     # Qwen-VL data labels its pictures "Picture N:", so a model tuned on it is asked the same way.
     add_vision_id: bool = True
+    template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False} for Qwen3
 
     def reset(self) -> None:
         self.messages = []
 
     def _inputs(self, messages: list[dict]) -> dict:
+        """The prompt rendered by the same template code as training (tuning.data.template), then tokenized, the
+        pictures through the processor: a model is asked exactly as it was trained."""
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        has_images = any(isinstance(m["content"], list) for m in full)
-        if has_images:
-            if self.processor is None:
-                raise ValueError("this model is text-only: it cannot take images")
-            full = [
-                m if isinstance(m["content"], list) else {**m, "content": [{"type": "text", "text": m["content"]}]}
-                for m in full
-            ]
-            owner = self.processor
-        else:
-            owner = self.tokenizer
-        inputs = owner.apply_chat_template(
-            full,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            add_vision_id=self.add_vision_id,
+        images = [p["image"] for m in full if isinstance(m["content"], list) for p in m["content"] if "image" in p]
+        if images and self.processor is None:
+            raise ValueError("this model is text-only: it cannot take images")
+        placeholders = [
+            {**m, "content": [{"type": "image"} if "image" in p else p for p in m["content"]]}
+            if isinstance(m["content"], list)
+            else m
+            for m in full
+        ]
+        text = ChatTemplate(self.tokenizer).render(
+            placeholders, generation_prompt=True, add_vision_id=self.add_vision_id, **self.template_kwargs
         )
+        if images:
+            inputs = self.processor(text=[text], images=images, return_tensors="pt")
+        else:
+            inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
     def _check_length(self, prompt_tokens: int) -> None:
@@ -231,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no_vision_id", action="store_true", help="do not label pictures 'Picture N:' (for models tuned without)"
     )
+    parser.add_argument(
+        "--enable_thinking",
+        choices=["true", "false"],
+        help="passed to the chat template (Qwen3): false asks in non-thinking mode, as --enable_thinking False trains",
+    )
     args = parser.parse_args(argv)
 
     for path in args.image:
@@ -240,7 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.image and not is_vision_language(model.config):
         parser.error("--image needs a vision-language model")
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
-    chat = Chat(model, tokenizer, processor, args.system, settings, add_vision_id=not args.no_vision_id)
+    thinking = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
+    chat = Chat(
+        model,
+        tokenizer,
+        processor,
+        args.system,
+        settings,
+        add_vision_id=not args.no_vision_id,
+        template_kwargs=thinking,
+    )
     images = [Image.open(p).convert("RGB") for p in args.image]
     if args.prompt is not None:
         print(readable(chat.ask(args.prompt, images or None)))

@@ -58,7 +58,7 @@ def history_to_messages(history: list[dict], raw_answers: list[str]) -> list[dic
         role, parts = entry["role"], _parts(entry["content"])
         if role == "assistant":
             if messages and messages[-1]["role"] == "assistant":
-                continue  # a drawn-boxes picture shown after its answer
+                continue  # the answer after its folded thinking, or a drawn-boxes picture after its answer
             messages.append({"role": "assistant", "content": next(answers, "")})
             continue
         content = []
@@ -88,6 +88,26 @@ def latest_image(messages: list[dict]) -> str | None:
                 if part["type"] == "image":
                     return part["image"]
     return None
+
+
+def split_thinking(answer: str) -> tuple[str | None, str]:
+    """(reasoning or None, the answer to show) of a reasoning model's raw answer: "<think>...</think>answer",
+    or "...</think>answer" where the prompt opened the think block (Qwen3-Thinking, DeepSeek-R1); while the
+    reasoning is still streaming, all of it is reasoning."""
+    if "</think>" in answer:
+        thinking, _, rest = answer.partition("</think>")
+        return thinking.split("<think>", 1)[-1].strip(), rest.strip()
+    if "<think>" in answer:
+        return answer.split("<think>", 1)[1].strip(), ""
+    return None, answer
+
+
+def shown_turn(answer: str) -> list[dict]:
+    """The assistant turn as the chat shows it: the reasoning folded under "Thinking", then the answer, its
+    grounding tags hidden."""
+    thinking, text = split_thinking(answer)
+    turn = [{"role": "assistant", "content": thinking, "metadata": {"title": "Thinking"}}] if thinking else []
+    return [*turn, {"role": "assistant", "content": grounding.strip_tags(text)}]
 
 
 def draw_boxes(image: Image.Image, boxes: list[grounding.Box]) -> Image.Image:
@@ -138,15 +158,16 @@ class DemoModel:
             return
         messages = history_to_messages(history, raw)
         settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p))
-        history = [*history, {"role": "assistant", "content": ""}]
+        before = list(history)
+        history = [*before, {"role": "assistant", "content": ""}]
         answer = ""
         try:
             for answer in self.reply(messages, settings, system):
-                history[-1] = {"role": "assistant", "content": grounding.strip_tags(answer)}
+                history = [*before, *shown_turn(answer)]
                 yield history, raw
             drawn = self.picture_with_boxes(answer, latest_image(messages), len(raw) + 1)
         except Exception as e:  # whatever failed is shown in the page
-            history[-1] = {"role": "assistant", "content": f"⚠️ {type(e).__name__}: {e}"}
+            history = [*before, {"role": "assistant", "content": f"⚠️ {type(e).__name__}: {e}"}]
             yield history, [*raw, ""]
             return
         if drawn:
@@ -231,11 +252,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="create a public gradio link")
     parser.add_argument("--concurrency", type=int, default=2, help="requests served at once; more wait in a queue")
     parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more are refused")
+    parser.add_argument(
+        "--enable-thinking", choices=["true", "false"], help="passed to the chat template (Qwen3's thinking switch)"
+    )
     args = parser.parse_args(argv)
 
     model_path = args.checkpoint_path or str(ensure_tiny("vl"))
     model, tokenizer, processor = load_for_chat(model_path, args.adapter, args.bits, args.cpu_only)
-    demo_model = DemoModel(Chat(model, tokenizer, processor))
+    thinking = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
+    demo_model = DemoModel(Chat(model, tokenizer, processor, template_kwargs=thinking))
     app = build_app(demo_model, title=f"Multimodal chat — {Path(model_path).name}")
     app.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size).launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, max_file_size=MAX_UPLOAD

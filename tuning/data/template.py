@@ -10,10 +10,11 @@ supervised in place. A template that rewrites earlier turns when a later one is 
 reasoning of turns before the last user query; Mistral moves the system prompt into the last user message)
 gives several samples, each an exact context followed by the turns that can be supervised in it.
 
-One case has no exact answer, and its policy is this: when the generation prompt holds text that the rendered
-turn lacks (DeepSeek-R1's prompt ends in "<think>\\n", which its rendering of a past turn drops along with the
-reasoning), the context is the generation prompt and the target is the answer as written in the data (reasoning,
-"</think>", the answer) after that opening text, then the template's end of turn.
+One case has no exact answer, and its policy is this: when rendering a turn does not extend its prompt
+(DeepSeek-R1's prompt ends in "<think>\\n", which its rendering of the turn drops along with the reasoning;
+Mistral-Nemo writes the system prompt only into a final user message, so not when the answer follows it), the
+context is the prompt exactly as at inference and the target is the answer as written in the data (for R1: the
+reasoning, "</think>", the answer) after whatever the prompt already opened, then the template's end of turn.
 """
 
 from __future__ import annotations
@@ -131,21 +132,24 @@ class ChatTemplate:
         return context, self._target_after_opened_prompt(messages, k, context, render)
 
     def _target_after_opened_prompt(self, messages, k: int, context: str, render: Callable) -> str:
-        """The generation prompt ends in text the rendered turn lacks (R1's "<think>\\n"): the target is the
-        answer as written after that text, then the template's own end of turn."""
+        """Rendering the turn does not extend its prompt (R1's prompt opens "<think>\\n", which its rendering of the
+        turn lacks; Mistral-Nemo writes the system prompt only into a final user message). The context stays the
+        prompt; the target is the answer as written, after whatever the prompt already opened, then the
+        template's own end of turn, both found by rendering the turn with a sentinel for its content."""
+        base = render(messages[:k])
         shown = render([*messages[:k], {**_without_reasoning(messages[k]), "content": SENTINEL}])
-        common = _common_prefix_length(context, shown)
-        opened, turn = context[common:], shown[common:]
-        answer = _raw_answer(messages[k])
-        if not turn.startswith(SENTINEL):
+        at = shown.find(SENTINEL)
+        earlier = [_squash(_visible(m)) for m in messages[:k] if m["role"] != "system"]
+        if not context.startswith(base) or at < 0 or not all(t in _squash(shown[:at]) for t in earlier):
             raise TemplateError(
-                f"the chat template of {self.name} cannot be split into turns: the prompt rendered for this turn "
-                f"is not how the template renders the conversation with the turn (they part at {opened[:40]!r} / "
-                f"{turn[:40]!r})",
-                "give a template whose rendering of a conversation starts with the rendering of its prompt "
-                "(--chat_template)",
+                f"the chat template of {self.name} cannot be split into turns: rendering the conversation with "
+                "this turn does not keep the turns before it ahead of it",
+                "give a template that renders each turn after the ones before it (--chat_template)",
                 k,
             )
+        prompt, before = context[len(base) :], shown[:at]
+        written = max(j for j in range(len(prompt) + 1) if before.endswith(prompt[:j]))
+        opened, answer = prompt[written:], _raw_answer(messages[k])
         if not answer.startswith(opened):
             raise TemplateError(
                 f"the generation prompt of {self.name} ends in {opened!r}, which the answer must continue, and this "
@@ -154,7 +158,7 @@ class ChatTemplate:
                 "reasoning, its closing tag, then the answer",
                 k,
             )
-        return answer[len(opened) :] + turn[len(SENTINEL) :]
+        return answer[len(opened) :] + shown[at + len(SENTINEL) :]
 
     def _split_end(self, target: str, k: int) -> tuple[str, str]:
         """(supervised, trailing): the target up to and including its last special token (the end of turn)."""
