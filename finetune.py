@@ -392,6 +392,8 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         leave_distributed(128 + stop_on_signal.received)
         raise SystemExit(128 + stop_on_signal.received)
     save_final(trainer, processor or tokenizer, training_args.output_dir)
+    if processor is not None and trainer.is_world_process_zero():
+        data_args.media_options().save(training_args.output_dir)  # the chat and the demo resize the same way
     logger.info("saved to %s", training_args.output_dir)
     return trainer
 

@@ -44,7 +44,7 @@ BAD_CASES = {
     "truncated image": (qwen_vl("t", "Picture 1: <img>truncated.png</img>\nq", "a"), "cannot be read", "content"),
     "too many images": (
         qwen_vl("many", "".join("<img>p.png</img>" for _ in range(3)) + "q", "a"),
-        "3 images, more than the 2 allowed",
+        "3 images and videos, more than the 2 allowed",
         "content",
     ),
 }

@@ -13,13 +13,14 @@ import argparse
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from tuning.data import grounding
+from tuning.data.resolution import MediaOptions, configure, pixels
 from tuning.data.template import ChatTemplate
 from tuning.model import LoadOptions, is_vision_language, load_adapter, load_model, load_processing, set_use_cache
 
@@ -41,10 +42,19 @@ class GenerationSettings:
         }
 
 
-def load_for_chat(model_path: str, adapter: str | None = None, bits: int | None = None, cpu_only: bool = False):
-    """(model, tokenizer, processor or None): the base, optionally quantized, with the adapter on top."""
+def load_for_chat(
+    model_path: str,
+    adapter: str | None = None,
+    bits: int | None = None,
+    cpu_only: bool = False,
+    media: MediaOptions | None = None,
+):
+    """(model, tokenizer, processor or None): the base, optionally quantized, with the adapter on top. Pictures
+    and videos are resized as the model was trained (the options saved with it), else with the default budget."""
     processing_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
     tokenizer, processor, _ = load_processing(processing_source, config_from=model_path)
+    if processor is not None:
+        configure(processor, media or MediaOptions.saved_in(adapter, model_path) or MediaOptions())
     model = load_model(LoadOptions(model_path, q_lora=bits == 4, load_in_8bit=bits == 8))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -77,11 +87,13 @@ class Chat:
         """The prompt rendered by the same template code as training (tuning.data.template), then tokenized, the
         pictures through the processor: a model is asked exactly as it was trained."""
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        images = [p["image"] for m in full if isinstance(m["content"], list) for p in m["content"] if "image" in p]
-        if images and self.processor is None:
-            raise ValueError("this model is text-only: it cannot take images")
+        parts = [p for m in full if isinstance(m["content"], list) for p in m["content"]]
+        images = [p["image"] for p in parts if "image" in p]
+        videos = [p["video"] for p in parts if "video" in p]
+        if (images or videos) and self.processor is None:
+            raise ValueError("this model is text-only: it cannot take pictures or videos")
         placeholders = [
-            {**m, "content": [{"type": "image"} if "image" in p else p for p in m["content"]]}
+            {**m, "content": [{"type": p["type"]} if p["type"] in ("image", "video") else p for p in m["content"]]}
             if isinstance(m["content"], list)
             else m
             for m in full
@@ -89,11 +101,32 @@ class Chat:
         text = ChatTemplate(self.tokenizer).render(
             placeholders, generation_prompt=True, add_vision_id=self.add_vision_id, **self.template_kwargs
         )
-        if images:
-            inputs = self.processor(text=[text], images=images, return_tensors="pt")
+        if images or videos:
+            inputs = self.processor(
+                text=[text], images=images or None, return_tensors="pt", **self._video_inputs(videos)
+            )
         else:
             inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in inputs.items()}
+
+    def _video_inputs(self, paths: list[str]) -> dict:
+        """Videos decoded within the usual limits, their frames sampled by the model's own video processor."""
+        if not paths:
+            return {}
+        from tuning.data.conversation import VideoRef
+        from tuning.data.images import ImageLimits
+        from tuning.data.videos import load_video
+
+        video_processor = self.processor.video_processor
+        loaded = [
+            load_video(VideoRef(str(path), ""), video_processor.sample_frames, video_processor.fps, None, ImageLimits())
+            for path in paths
+        ]
+        return {
+            "videos": [frames for frames, _ in loaded],
+            "video_metadata": [metadata for _, metadata in loaded],
+            "do_sample_frames": False,
+        }
 
     def _check_length(self, prompt_tokens: int) -> None:
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
@@ -103,17 +136,16 @@ class Chat:
                 f"generated, over the model's {limit}: clear the history or send less"
             )
 
-    def user_message(self, text: str, images: list[Image.Image] | None = None) -> dict:
-        if not images:
+    def user_message(self, text: str, images: list[Image.Image] | None = None, videos: list[str] | None = None) -> dict:
+        if not images and not videos:
             return {"role": "user", "content": text}
-        return {
-            "role": "user",
-            "content": [*({"type": "image", "image": img} for img in images), {"type": "text", "text": text}],
-        }
+        media = [{"type": "image", "image": img} for img in images or []]
+        media += [{"type": "video", "video": path} for path in videos or []]
+        return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
 
-    def stream(self, text: str, images: list[Image.Image] | None = None) -> Iterator[str]:
+    def stream(self, text: str, images: list[Image.Image] | None = None, videos: list[str] | None = None):
         """Yield the answer as it grows; the exchange joins the history when it is complete."""
-        message = self.user_message(text, images)
+        message = self.user_message(text, images, videos)
         answer = ""
         for answer in self.stream_reply([*self.messages, message]):
             yield answer
@@ -152,9 +184,9 @@ class Chat:
         if failure:
             raise failure[0]
 
-    def ask(self, text: str, images: list[Image.Image] | None = None) -> str:
+    def ask(self, text: str, images: list[Image.Image] | None = None, videos: list[str] | None = None) -> str:
         answer = ""
-        for partial in self.stream(text, images):
+        for partial in self.stream(text, images, videos):
             answer = partial
         return answer
 
@@ -222,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="model folder or hub name (a merged model, or the base of --adapter)")
     parser.add_argument("--adapter", help="LoRA adapter folder to apply on top of the model")
     parser.add_argument("--image", action="append", default=[], help="picture for the first message (repeatable)")
+    parser.add_argument("--video", action="append", default=[], help="video for the first message (repeatable)")
+    parser.add_argument(
+        "--image_max_pixels",
+        help="largest picture in pixels, or 'model' (default: as the model was trained, else 768*768)",
+    )
     parser.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized")
     parser.add_argument("--system", help="system prompt (default: the template's own)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -239,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    for path in args.image:
-        if not Path(path).is_file():
-            parser.error(f"--image {path}: no such file")
-    model, tokenizer, processor = load_for_chat(args.model, args.adapter, args.bits, args.cpu_only)
-    if args.image and not is_vision_language(model.config):
-        parser.error("--image needs a vision-language model")
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        for path in paths:
+            if not Path(path).is_file():
+                parser.error(f"{flag} {path}: no such file")
+    media = None
+    if args.image_max_pixels is not None:
+        saved = MediaOptions.saved_in(args.adapter, args.model) or MediaOptions()
+        media = replace(saved, image_max_pixels=pixels(args.image_max_pixels))
+    model, tokenizer, processor = load_for_chat(args.model, args.adapter, args.bits, args.cpu_only, media)
+    if (args.image or args.video) and not is_vision_language(model.config):
+        parser.error("--image and --video need a vision-language model")
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     thinking = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
     chat = Chat(
@@ -258,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     images = [Image.open(p).convert("RGB") for p in args.image]
     if args.prompt is not None:
-        print(readable(chat.ask(args.prompt, images or None)))
+        print(readable(chat.ask(args.prompt, images or None, args.video or None)))
         return 0
     interactive(chat, images)
     return 0

@@ -20,6 +20,7 @@ from tuning.chat import Chat, GenerationSettings, answer_boxes
 from tuning.data import grounding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4")
 MAX_UPLOAD = "10mb"
 
@@ -46,7 +47,7 @@ def _file_path(part: dict) -> str | None:
         path = file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
     else:
         return None
-    return path if path and str(path).lower().endswith(IMAGE_SUFFIXES) else None
+    return path if path and str(path).lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES) else None
 
 
 def history_to_messages(history: list[dict], raw_answers: list[str]) -> list[dict]:
@@ -64,7 +65,8 @@ def history_to_messages(history: list[dict], raw_answers: list[str]) -> list[dic
         content = []
         for part in parts:
             if path := _file_path(part):
-                content.append({"type": "image", "image": path})
+                kind = "video" if str(path).lower().endswith(VIDEO_SUFFIXES) else "image"
+                content.append({"type": kind, kind: path})
             elif part.get("type") == "text" and part.get("text", "").strip():
                 content.append({"type": "text", "text": part["text"]})
         if messages and messages[-1]["role"] == "user":  # gradio shows each upload as its own message
@@ -192,10 +194,10 @@ def build_app(demo_model: DemoModel, title: str = "Multimodal chat"):
     import gradio as gr
 
     def add_user_turn(message: dict, history: list, raw: list):
-        files = [f for f in message.get("files", []) if str(f).lower().endswith(IMAGE_SUFFIXES)]
+        files = [f for f in message.get("files", []) if str(f).lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)]
         refused = [Path(str(f)).name for f in message.get("files", []) if f not in files]
         if refused:
-            gr.Warning(f"only pictures can be sent; ignored {', '.join(refused)}")
+            gr.Warning(f"only pictures and videos can be sent; ignored {', '.join(refused)}")
         for f in files:
             history.append({"role": "user", "content": {"path": str(f)}})
         if message.get("text", "").strip():
@@ -212,9 +214,9 @@ def build_app(demo_model: DemoModel, title: str = "Multimodal chat"):
         chatbot = gr.Chatbot(label="conversation", height=520, elem_id="chatbot")
         raw_answers = gr.State([])
         box = gr.MultimodalTextbox(
-            file_types=["image"],
+            file_types=["image", "video"],
             file_count="multiple",
-            placeholder="Ask about a picture",
+            placeholder="Ask about a picture or a video",
             show_label=False,
             elem_id="input",
         )

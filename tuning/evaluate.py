@@ -12,15 +12,16 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from tuning.chat import Chat, GenerationSettings, answer_boxes, load_for_chat
 from tuning.data import grounding
+from tuning.data.conversation import ImageRef
 from tuning.data.formats import iter_conversations
-from tuning.data.images import load_image
+from tuning.data.images import load_image, resolve_local
 
 PICTURE_MODES = ("real", "blank", "shuffled")
 
@@ -45,6 +46,7 @@ class HeldOut:
     images: list[Image.Image]
     expected: str
     labelled: bool  # the data labels its pictures "Picture N:" (Qwen-VL), so the question is asked that way
+    videos: list[str] = field(default_factory=list)  # video files
 
 
 def single_turn_samples(path: str | Path, id_suffix: str | None = None):
@@ -56,7 +58,8 @@ def single_turn_samples(path: str | Path, id_suffix: str | None = None):
             continue
         user, assistant = conv.messages
         images = [load_image(ref) for ref in user.images]
-        yield HeldOut(user.text.strip(), images, assistant.text.strip(), conv.add_vision_id)
+        videos = [str(resolve_local(ImageRef(v.source, v.base_dir), None)) for v in user.videos]
+        yield HeldOut(user.text.strip(), images, assistant.text.strip(), conv.add_vision_id, videos)
 
 
 def pictures_for(mode: str, images: list[list[Image.Image]], seed: int = 0) -> list[list[Image.Image]]:
@@ -96,7 +99,7 @@ def exact_match(chat: Chat, path: str | Path, id_suffix: str | None = None, pict
     for sample, imgs in zip(samples, images, strict=True):
         chat.reset()
         chat.add_vision_id = sample.labelled
-        answer = chat.ask(sample.question, imgs or None).strip()
+        answer = chat.ask(sample.question, imgs or None, sample.videos or None).strip()
         correct += is_correct(chat, answer, sample.expected, imgs[-1] if imgs else None)
         if len(examples) < 3:
             examples.append((sample.question, sample.expected, answer))

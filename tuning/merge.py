@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tuning.data.resolution import SAVED_NAME
 from tuning.model import (
     LoadOptions,
     is_gptq_checkpoint,
@@ -191,6 +192,8 @@ def merge(
         shutil.rmtree(output)
     merged.save_pretrained(output, max_shard_size=max_shard_size)
     (processor or tokenizer).save_pretrained(output)
+    if (Path(adapter) / SAVED_NAME).is_file():  # how pictures and videos were resized in training
+        shutil.copy(Path(adapter) / SAVED_NAME, Path(output) / SAVED_NAME)
     info = {
         "adapter": str(adapter),
         "base": base_model,

@@ -8,6 +8,14 @@ from pathlib import Path
 from tuning.data.encode import OVERLONG_POLICIES, Encoder
 from tuning.data.grounding import CONVENTIONS
 from tuning.data.images import ImageLimits
+from tuning.data.resolution import (
+    DEFAULT_IMAGE_MAX_PIXELS,
+    DEFAULT_VIDEO_MAX_PIXELS,
+    DEFAULT_VIDEO_MIN_PIXELS,
+    MediaOptions,
+    configure,
+    pixels,
+)
 from tuning.data.template import use_template_file
 
 LIST_FLAGS = ("--data_path", "--eval_data_path")
@@ -93,9 +101,31 @@ class DataArguments:
             "empty think block in the context. Default: the template's own default."
         },
     )
-    max_images_per_sample: int = field(default=32, metadata={"help": "Most images one sample may carry."})
+    image_max_pixels: str = field(
+        default=str(DEFAULT_IMAGE_MAX_PIXELS),
+        metadata={
+            "help": "Largest picture the model sees, in pixels (768*768 by default, or the model's own maximum if "
+            "lower): the processor resizes larger ones. A 12 MP photo (4032x3024) then becomes 713 image tokens on "
+            "Qwen2.5-VL instead of about 15,500. 'model' keeps the model's own setting. Saved with the output."
+        },
+    )
+    image_min_pixels: str | None = field(
+        default=None, metadata={"help": "Smallest picture, in pixels: smaller ones are enlarged. Default: the model's."}
+    )
+    video_max_pixels: str = field(
+        default=str(DEFAULT_VIDEO_MAX_PIXELS),
+        metadata={"help": "Largest video frame, in pixels (default 256*256); 'model' keeps the model's own."},
+    )
+    video_min_pixels: str = field(
+        default=str(DEFAULT_VIDEO_MIN_PIXELS), metadata={"help": "Smallest video frame, in pixels (default 16*16)."}
+    )
+    video_fps: float = field(default=2.0, metadata={"help": "Video frames sampled per second."})
+    video_maxlen: int = field(default=128, metadata={"help": "Most frames sampled from one video."})
+    max_images_per_sample: int = field(default=32, metadata={"help": "Most images and videos one sample may carry."})
     image_timeout: float = field(default=20.0, metadata={"help": "Seconds to wait for an image URL to answer."})
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "Largest image file or download."})
+    max_video_bytes: int = field(default=256 * 1024 * 1024, metadata={"help": "Largest video file or download."})
+    max_video_seconds: float = field(default=600.0, metadata={"help": "Longest video, in seconds."})
     max_image_pixels: int = field(
         default=ImageLimits.max_pixels,
         metadata={"help": "Largest image in pixels (width x height): a decompression bomb stops here."},
@@ -115,11 +145,31 @@ class DataArguments:
             found.append("--data_path is empty: give at least one data file")
         if self.chat_template and not Path(self.chat_template).is_file():
             found.append(f"--chat_template {self.chat_template}: no such file")
+        try:
+            self.media_options()
+        except ValueError as e:
+            found.append(f"a pixel flag: {e}")
+        if self.video_fps <= 0 or self.video_maxlen < 1:
+            found.append("--video_fps and --video_maxlen must be positive")
         return found
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(
-            read_timeout=self.image_timeout, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels
+            read_timeout=self.image_timeout,
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_video_bytes=self.max_video_bytes,
+            max_video_seconds=self.max_video_seconds,
+        )
+
+    def media_options(self) -> MediaOptions:
+        return MediaOptions(
+            image_max_pixels=pixels(self.image_max_pixels),
+            image_min_pixels=pixels(self.image_min_pixels),
+            video_max_pixels=pixels(self.video_max_pixels),
+            video_min_pixels=pixels(self.video_min_pixels),
+            video_fps=self.video_fps,
+            video_maxlen=self.video_maxlen,
         )
 
     def template_kwargs(self) -> dict:
@@ -130,6 +180,8 @@ class DataArguments:
         first, so that everything saved afterwards carries it."""
         if self.chat_template:
             use_template_file(self.chat_template, tokenizer, processor)
+        if processor is not None:
+            configure(processor, self.media_options())
         return Encoder(
             tokenizer,
             processor,

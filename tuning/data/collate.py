@@ -9,12 +9,22 @@ import torch
 
 from tuning.data.encode import IGNORE_INDEX
 
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
-def _stack_images(features: list[dict], batch: dict) -> None:
-    with_images = [f for f in features if f.get("pixel_values") is not None]
-    if with_images:
-        batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
-        batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in with_images])
+
+def _stack_media(features: list[dict], batch: dict) -> None:
+    """Pictures and videos of the batch, in sample order (the model matches them to their tokens in order)."""
+    for key in MEDIA_KEYS:
+        found = [f[key] for f in features if f.get(key) is not None]
+        if found:
+            batch[key] = torch.cat(found)
+    times = [t for f in features for t in f.get("second_per_grid_ts") or []]
+    if times:
+        batch["second_per_grid_ts"] = torch.tensor(times)
+
+
+def _has_media(feature: dict) -> bool:
+    return feature.get("pixel_values") is not None or feature.get("pixel_values_videos") is not None
 
 
 @dataclass
@@ -42,7 +52,7 @@ class PaddingCollator:
         }
         if any(f.get("mm_token_type_ids") is not None for f in features):
             batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
-        _stack_images(features, batch)
+        _stack_media(features, batch)
         return batch
 
 
@@ -62,7 +72,7 @@ class FlatteningCollator:
     placeholder: dict | None = None
 
     def __call__(self, features: list[dict]) -> dict:
-        if self.placeholder is not None and all(f.get("pixel_values") is None for f in features):
+        if self.placeholder is not None and not any(_has_media(f) for f in features):
             features = [*features, self.placeholder]
         input_ids, labels, positions, rope = [], [], [], []
         for f in features:
@@ -73,14 +83,14 @@ class FlatteningCollator:
                 rope.append(self._rope_positions(f))
         batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
         if self.rope_index is None:
-            if any(f.get("pixel_values") is not None for f in features):
-                raise ValueError("images need the model's rope index to be flattened: pass rope_index")
+            if any(_has_media(f) for f in features):
+                raise ValueError("pictures and videos need the model's rope index to be flattened: pass rope_index")
             batch["position_ids"] = torch.tensor([positions])
             return batch
         text_positions = torch.tensor([positions]).view(1, 1, -1)
         batch["position_ids"] = torch.cat([text_positions, torch.cat(rope, dim=2)], dim=0)
         batch["mm_token_type_ids"] = torch.tensor([[t for f in features for t in self._token_types(f)]])
-        _stack_images(features, batch)
+        _stack_media(features, batch)
         return batch
 
     @staticmethod
@@ -89,11 +99,16 @@ class FlatteningCollator:
 
     def _rope_positions(self, feature: dict) -> torch.Tensor:
         length = len(feature["input_ids"])
-        if feature.get("image_grid_thw") is None:
+        if not _has_media(feature):
             return torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
+        extra = {}
+        if feature.get("second_per_grid_ts"):  # Qwen2.5-VL: the time between a video's frame groups
+            extra["second_per_grid_ts"] = torch.tensor(feature["second_per_grid_ts"])
         positions, _ = self.rope_index(
             torch.tensor([feature["input_ids"]]),
             mm_token_type_ids=torch.tensor([self._token_types(feature)]),
-            image_grid_thw=feature["image_grid_thw"],
+            image_grid_thw=feature.get("image_grid_thw"),
+            video_grid_thw=feature.get("video_grid_thw"),
+            **extra,
         )
         return positions

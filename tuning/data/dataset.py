@@ -32,6 +32,7 @@ class DataReport:
     tokens: int = 0
     supervised_tokens: int = 0
     images: int = 0
+    videos: int = 0
     formats: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> detected format -> records
     ignored_fields: dict[str, int] = field(default_factory=dict)  # --ignore_unknown_fields: key -> samples
     lengths: list[int] = field(default_factory=list, repr=False)
@@ -42,6 +43,7 @@ class DataReport:
         self.tokens += len(sample.input_ids)
         self.supervised_tokens += sample.num_supervised
         self.images += sample.num_images
+        self.videos += sample.num_videos
         self.lengths.append(len(sample.input_ids))
         if sample.truncated:
             self.truncated.append(sample.id)
@@ -75,7 +77,7 @@ class DataReport:
         lines += [
             f"  samples read {self.read}, usable {self.usable}{split}, truncated {len(self.truncated)}, "
             f"dropped {len(self.dropped)}, bad {len(self.bad)}",
-            f"  tokens {self.tokens} (supervised {self.supervised_tokens}), images {self.images}",
+            f"  tokens {self.tokens} (supervised {self.supervised_tokens}), images {self.images}, videos {self.videos}",
         ]
         if self.lengths:
             lines.append("  length " + ", ".join(f"{k} {v}" for k, v in self.percentiles().items()))
@@ -100,10 +102,8 @@ class DataReport:
 
 
 def sample_to_features(sample: Sample) -> dict:
-    features = {"input_ids": sample.input_ids, "labels": sample.labels}
-    if sample.pixel_values is not None:
-        features["pixel_values"] = sample.pixel_values
-        features["image_grid_thw"] = sample.image_grid_thw
+    features = {"input_ids": sample.input_ids, "labels": sample.labels, **sample.media}
+    if sample.mm_token_type_ids is not None:
         features["mm_token_type_ids"] = sample.mm_token_type_ids
     return features
 
@@ -242,6 +242,7 @@ def build_dataset(
         raise DataErrors(errors)
     report.bad = [str(e) for e in errors]
     if not entries:
-        raise DataErrors(errors or [DataError(", ".join(report.files), "all samples", "no usable sample", "")])
+        reasons = [DataError(", ".join(report.files), f"sample {d['id']}", d["reason"]) for d in report.dropped]
+        raise DataErrors(errors + reasons or [DataError(", ".join(report.files), "all samples", "no usable sample")])
     dataset = LazyDataset(entries, encoder, report.lengths[:]) if lazy else EagerDataset(samples)
     return dataset, report

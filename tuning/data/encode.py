@@ -1,4 +1,4 @@
-"""Conversation -> training samples: input_ids, labels, pixel_values, image_grid_thw.
+"""Conversation -> training samples: input_ids, labels, and the pictures and videos the model reads.
 
 The text of a sample is the model's own chat template, split into turns by tuning.data.template (each
 assistant turn is trained exactly as the model sees it at inference). The whole text is tokenized once and
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
 from tuning.data import grounding
 from tuning.data.conversation import BoxRef, Conversation, ImageRef, VideoRef
-from tuning.data.images import ImageLimits, ImageLoadError, load_image
+from tuning.data.images import ImageLimits
+from tuning.data.pixels import MediaProcessor
 from tuning.data.template import ChatTemplate, Rendered, TemplateError
 
 IGNORE_INDEX = -100
@@ -29,14 +31,26 @@ class Sample:
     id: str
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    mm_token_type_ids: list[int] | None = None
+    media: dict = field(default_factory=dict)  # pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, ...
+    mm_token_type_ids: list[int] | None = None  # 1 for image tokens, 2 for video tokens
     truncated: bool = False
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return self.media.get("pixel_values")
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        return self.media.get("image_grid_thw")
 
     @property
     def num_images(self) -> int:
         return 0 if self.image_grid_thw is None else len(self.image_grid_thw)
+
+    @property
+    def num_videos(self) -> int:
+        grid = self.media.get("video_grid_thw")
+        return 0 if grid is None else len(grid)
 
     @property
     def num_supervised(self) -> int:
@@ -55,7 +69,7 @@ class DroppedSample(Exception):
 class _Tokens:
     ids: list[int]
     labels: list[int]
-    cuts: list[tuple[int, int]]  # (token index after a supervised turn, pictures before it)
+    cuts: list[tuple[int, int, int]]  # (token index after a trained turn, pictures before it, videos before it)
 
 
 class Encoder:
@@ -92,8 +106,11 @@ class Encoder:
         self.convention = (
             grounding.convention_for(model_type, vocab) if grounding_format == "auto" else grounding_format
         )
-        self.image_token = getattr(processor, "image_token", None)
+        self.media = MediaProcessor(processor, image_folder, image_limits, max_images)
+        self.image_token = self.media.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
+        self.video_token = self.media.video_token
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
         if chat_template is None and tokenizer.chat_template is None:
             raise ValueError(
                 f"the tokenizer of {tokenizer.name_or_path!r} has no chat template; use a chat model, "
@@ -118,12 +135,8 @@ class Encoder:
                 return [self._encode_pretrain(conv)], []
             except DroppedSample as e:
                 return [], [e]
-        if conv.videos:
-            raise conv.error("the sample has a video, and video input is not supported yet", "remove the video")
-        images = self._load_images(conv)
-        pixel_values, grid = self._process_images([image for image, _ in images])
-        original = [image.size for image, _ in images]
-        messages = self._template_messages(conv, original, self._resized_sizes(grid))
+        media = self.media.process(conv)
+        messages = self._template_messages(conv, media.original_sizes, self.media.resized_sizes(media))
         try:
             rendered = self.template.samples(
                 messages, self._trained_turns(conv), tools=conv.tools, add_vision_id=conv.add_vision_id
@@ -136,7 +149,7 @@ class Encoder:
         for j, part in enumerate(rendered):
             sample_id = conv.id if len(rendered) == 1 else f"{conv.id}#{j + 1}"
             try:
-                samples.append(self._sample(conv, sample_id, part, pixel_values, grid))
+                samples.append(self._sample(conv, sample_id, part, media))
             except DroppedSample as e:
                 dropped.append(e)
         return samples, dropped
@@ -145,26 +158,18 @@ class Encoder:
         """One blank picture and nothing to learn (all labels -100): added to a picture-less packed batch so
         that every rank's vision tower and projector take part in the step (DeepSpeed reduces gradients of
         the same parameters on every rank). It is its own packed sample, so it changes no loss."""
-        from PIL import Image
-
-        side = self.image_processor.patch_size * self.image_processor.merge_size
-        pixel_values, grid = self._process_images([Image.new("RGB", (side, side), (128, 128, 128))])
+        media = self.media.blank_picture()
         vocab = self.tokenizer.get_vocab()
         start, end = (t for t in ("<|vision_start|>", "<|vision_end|>") if t in vocab)
-        text = start + self.image_token * self._image_token_count(grid[0]) + end
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        types = [int(t == self.image_token_id) for t in ids]
-        return Sample("placeholder-image", ids, [IGNORE_INDEX] * len(ids), pixel_values, grid, types)
-
-    def check_images(self, conv: Conversation) -> None:
-        """Open every image of a conversation (used by the up-front validation of lazy datasets)."""
-        self._load_images(conv)
+        ids = self.tokenizer(start + media.image_texts[0] + end, add_special_tokens=False)["input_ids"]
+        sample = Sample("placeholder-image", ids, [IGNORE_INDEX] * len(ids), media.first(1, 0))
+        sample.mm_token_type_ids = self._token_types(ids)
+        return sample
 
     def template_messages(self, conv: Conversation) -> list[dict]:
         """The messages as the chat template takes them (for the parity tests and for inspection)."""
-        images = self._load_images(conv)
-        grid = self._process_images([image for image, _ in images])[1]
-        return self._template_messages(conv, [image.size for image, _ in images], self._resized_sizes(grid))
+        media = self.media.process(conv)
+        return self._template_messages(conv, media.original_sizes, self.media.resized_sizes(media))
 
     # -- rendering --------------------------------------------------------------------------------
 
@@ -211,93 +216,48 @@ class Encoder:
             coords = [c * factor for c in box.coords]
         return grounding.box_tag(coords)
 
-    # -- images -----------------------------------------------------------------------------------
-
-    def _load_images(self, conv: Conversation) -> list[tuple[object, int]]:
-        found = [(ref, i) for i, m in enumerate(conv.messages) for ref in m.images]
-        if len(found) > self.max_images:
-            raise conv.error(
-                f"{len(found)} images, more than the {self.max_images} allowed per sample",
-                "split the conversation, or raise --max_images_per_sample",
-                found[self.max_images][1],
-                "content",
-            )
-        if found and self.image_processor is None:
-            raise conv.error(
-                "the sample has images but the model is text-only",
-                "use a vision-language model, or remove the images",
-                found[0][1],
-                "content",
-            )
-        loaded = []
-        for ref, index in found:
-            try:
-                loaded.append((load_image(ref, self.image_folder, self.image_limits), index))
-            except ImageLoadError as e:
-                raise conv.error(str(e), "", index, "content") from None
-        return loaded
-
-    def _resized_sizes(self, grid: torch.Tensor | None) -> list[tuple[int, int]]:
-        """(width, height) of each picture as the model sees it, after the processor's resize."""
-        if grid is None:
-            return []
-        patch = self.image_processor.patch_size
-        return [(int(w) * patch, int(h) * patch) for _, h, w in grid.tolist()]
-
-    def _process_images(self, images: list):
-        if not images:
-            return None, None
-        out = self.image_processor(images=images, return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"]
-
-    def _image_token_count(self, grid_row: torch.Tensor) -> int:
-        return int(grid_row.prod()) // self.image_processor.merge_size**2
-
     # -- tokens -----------------------------------------------------------------------------------
 
-    def _sample(self, conv: Conversation, sample_id: str, rendered: Rendered, pixel_values, grid) -> Sample:
-        num_images = sum(len(m.images) for m in conv.messages[: rendered.num_messages])
-        counts = [self._image_token_count(row) for row in grid[:num_images]] if num_images else []
-        tokens = self._tokenize(conv, rendered, counts)
-        if num_images:
-            rows = int(grid[:num_images].prod(dim=1).sum())
-            pixel_values, grid = pixel_values[:rows], grid[:num_images]
-        else:
-            pixel_values, grid = None, None
-        sample = Sample(sample_id, tokens.ids, tokens.labels, pixel_values, grid)
+    def _sample(self, conv: Conversation, sample_id: str, rendered: Rendered, media) -> Sample:
+        shown = conv.messages[: rendered.num_messages]
+        images, videos = sum(len(m.images) for m in shown), sum(len(m.videos) for m in shown)
+        tokens = self._tokenize(conv, rendered, media.image_texts[:images], media.video_texts[:videos])
+        sample = Sample(sample_id, tokens.ids, tokens.labels, media.first(images, videos))
         if len(sample.input_ids) > self.max_length:
-            sample = self._truncate(conv, sample, tokens.cuts)
-        if self.image_token_id is not None and sample.num_images:
-            sample.mm_token_type_ids = [int(t == self.image_token_id) for t in sample.input_ids]
+            sample = self._truncate(conv, sample, tokens.cuts, media)
+        if sample.num_images or sample.num_videos:
+            sample.mm_token_type_ids = self._token_types(sample.input_ids)
         return sample
 
-    def _expand_images(self, conv: Conversation, segments, counts: list[int]) -> list[str]:
-        """Each image placeholder becomes as many image tokens as the picture has patches after merging."""
-        pending = iter(counts)
-        texts = []
-        for segment in segments:
-            text = segment.text
-            if self.image_token and self.image_token in text:
-                pieces = text.split(self.image_token)
-                try:
-                    text = pieces[0] + "".join(self.image_token * next(pending) + piece for piece in pieces[1:])
-                except StopIteration:
-                    raise self._images_mismatch(conv, len(counts)) from None
-            texts.append(text)
-        if next(pending, None) is not None:
-            raise self._images_mismatch(conv, len(counts))
+    def _token_types(self, ids: list[int]) -> list[int]:
+        return [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in ids]
+
+    def _expand_media(self, conv: Conversation, segments, image_texts: list[str], video_texts: list[str]) -> list[str]:
+        """Each picture or video placeholder of the template becomes what the processor says it is."""
+        pattern = self.media.placeholder_pattern()
+        pending = {self.image_token: iter(image_texts), self.video_token: iter(video_texts)}
+
+        def expand(match: re.Match) -> str:
+            replacement = next(pending[match.group(0)], None)
+            if replacement is None:
+                raise self._media_mismatch(conv, len(image_texts), len(video_texts))
+            return replacement
+
+        texts = [pattern.sub(expand, s.text) if pattern else s.text for s in segments]
+        if any(next(left, None) is not None for left in pending.values()):
+            raise self._media_mismatch(conv, len(image_texts), len(video_texts))
         return texts
 
-    def _images_mismatch(self, conv: Conversation, expected: int):
+    def _media_mismatch(self, conv: Conversation, images: int, videos: int):
         return conv.error(
-            f"the chat template of {self.template.name} does not write one image placeholder per picture "
-            f"({expected} pictures)",
-            "use the model's own chat template, or one that renders every image part (--chat_template)",
+            f"the chat template of {self.template.name} does not write one placeholder per picture and video "
+            f"({images} pictures, {videos} videos)",
+            "use the model's own chat template, or one that renders every image and video part (--chat_template)",
         )
 
-    def _tokenize(self, conv: Conversation, rendered: Rendered, counts: list[int]) -> _Tokens:
+    def _tokenize(self, conv: Conversation, rendered: Rendered, image_texts, video_texts) -> _Tokens:
         """The whole text tokenized once; each token takes the label of the segment its characters are in."""
-        texts = self._expand_images(conv, rendered.segments, counts)
+        texts = self._expand_media(conv, rendered.segments, image_texts, video_texts)
         starts = list(itertools.accumulate(map(len, texts), initial=0))
         encoded = self.tokenizer("".join(texts), add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -309,9 +269,10 @@ class Encoder:
                 raise self._straddle(conv, rendered, texts, segment)
             segment_of_token.append(segment)
             labels.append(token if rendered.segments[segment].supervised else IGNORE_INDEX)
-        per_segment = (s.text.count(self.image_token) if self.image_token else 0 for s in rendered.segments)
-        pictures = list(itertools.accumulate(per_segment))
-        cuts = [(bisect.bisect_right(segment_of_token, i), pictures[i]) for i in _turn_ends(rendered.segments)]
+        pictures = list(itertools.accumulate(_count(s.text, self.image_token) for s in rendered.segments))
+        videos = list(itertools.accumulate(_count(s.text, self.video_token) for s in rendered.segments))
+        ends = _turn_ends(rendered.segments)
+        cuts = [(bisect.bisect_right(segment_of_token, i), pictures[i], videos[i]) for i in ends]
         return _Tokens(ids, labels, cuts)
 
     def _straddle(self, conv: Conversation, rendered: Rendered, texts: list[str], segment: int):
@@ -324,26 +285,35 @@ class Encoder:
             index,
         )
 
-    def _truncate(self, conv: Conversation, sample: Sample, cuts: list[tuple[int, int]]) -> Sample:
-        length = len(sample.input_ids)
+    def _truncate(self, conv: Conversation, sample: Sample, cuts, media) -> Sample:
+        why = self._overlong_reason(sample)
         if self.overlong == "error":
-            raise conv.error(
-                f"{length} tokens, over --model_max_length {self.max_length}",
-                "raise --model_max_length, shorten the sample, or use --overlong turns|drop",
-            )
+            raise conv.error(why, "use --overlong turns|drop to keep what fits or drop it")
         if self.overlong == "drop":
-            raise DroppedSample(sample.id, f"{length} tokens > model_max_length {self.max_length}")
-        # Keep the longest run of whole turns that fits and ends after a trained turn, so no image is ever cut
-        # and every kept target is complete.
-        fitting = [(end, pictures) for end, pictures in cuts if end <= self.max_length]
+            raise DroppedSample(sample.id, why)
+        # Keep the longest run of whole turns that fits and ends after a trained turn, so no picture or video is
+        # ever cut and every kept target is complete.
+        fitting = [cut for cut in cuts if cut[0] <= self.max_length]
         if not fitting:
-            raise DroppedSample(sample.id, f"{length} tokens and the first answer does not fit in {self.max_length}")
-        keep, num_images = fitting[-1]
-        pixel_values, grid = sample.pixel_values, sample.image_grid_thw
-        if grid is not None:
-            rows = int(grid[:num_images].prod(dim=1).sum())
-            pixel_values, grid = (pixel_values[:rows], grid[:num_images]) if num_images else (None, None)
-        return Sample(sample.id, sample.input_ids[:keep], sample.labels[:keep], pixel_values, grid, truncated=True)
+            raise DroppedSample(sample.id, f"{why}; even its first answer does not fit")
+        keep, images, videos = fitting[-1]
+        kept = Sample(sample.id, sample.input_ids[:keep], sample.labels[:keep], media.first(images, videos))
+        kept.truncated = True
+        return kept
+
+    def _overlong_reason(self, sample: Sample) -> str:
+        """The length, what the pictures and videos take of it, the limit and the two fixes."""
+        types = self._token_types(sample.input_ids)
+        image_tokens, video_tokens = types.count(1), types.count(2)
+        parts = [f"{image_tokens} image tokens"] if image_tokens else []
+        parts += [f"{video_tokens} video tokens"] if video_tokens else []
+        media = f" ({', '.join(parts)})" if parts else ""
+        fixes = ["raise --model_max_length"]
+        if image_tokens:
+            fixes.insert(0, "lower --image_max_pixels")
+        if video_tokens:
+            fixes.insert(0, "lower --video_max_pixels or --video_maxlen")
+        return f"{len(sample.input_ids)} tokens{media}, over --model_max_length {self.max_length}: {' or '.join(fixes)}"
 
     def _encode_pretrain(self, conv: Conversation) -> Sample:
         vocab = self.tokenizer.get_vocab()
@@ -356,6 +326,10 @@ class Encoder:
             raise conv.error(f"{len(ids)} tokens, over --model_max_length {self.max_length}", "shorten the text")
         ids = ids[: self.max_length]
         return Sample(conv.id, ids, list(ids), truncated=truncated)
+
+
+def _count(text: str, token: str | None) -> int:
+    return text.count(token) if token else 0
 
 
 def _turn_ends(segments) -> list[int]:

@@ -28,6 +28,8 @@ class ImageLimits:
     max_redirects: int = 5
     # Pillow's own bomb check warns at ~89M pixels and fails at twice that; we fail at the limit.
     max_pixels: int = 64 * 1024 * 1024
+    max_video_bytes: int = 256 * 1024 * 1024
+    max_video_seconds: float = 600.0
     cache_dir: str | None = None
 
 
@@ -75,9 +77,12 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
     return image.convert("RGB")
 
 
-def _fetch_url(url: str, limits: ImageLimits) -> bytes:
+def fetch_url(url: str, limits: ImageLimits, kind: str = "image", max_bytes: int | None = None) -> bytes:
+    """The bytes behind an http(s) URL of a picture (or video), within the time, redirect, type and size
+    limits, cached on disk."""
     import requests
 
+    max_bytes = max_bytes or limits.max_bytes
     cache_dir = Path(limits.cache_dir) if limits.cache_dir else default_cache_dir()
     cached = cache_dir / hashlib.sha256(url.encode()).hexdigest()
     if cached.is_file():
@@ -88,16 +93,16 @@ def _fetch_url(url: str, limits: ImageLimits) -> bytes:
         with session.get(url, stream=True, timeout=(limits.connect_timeout, limits.read_timeout)) as response:
             response.raise_for_status()
             content_type = response.headers.get("Content-Type", "")
-            if not content_type.startswith("image/"):
-                raise ImageLoadError(f"URL {url} returned content type {content_type!r}, not an image")
+            if not content_type.startswith(f"{kind}/"):
+                raise ImageLoadError(f"URL {url} returned content type {content_type!r}, not {_article(kind)} {kind}")
             declared = int(response.headers.get("Content-Length") or 0)
-            if declared > limits.max_bytes:
-                raise ImageLoadError(f"URL {url} is {declared} bytes, over the limit of {limits.max_bytes}")
+            if declared > max_bytes:
+                raise ImageLoadError(f"URL {url} is {declared} bytes, over the limit of {max_bytes}")
             chunks, size = [], 0
             for chunk in response.iter_content(64 * 1024):
                 size += len(chunk)
-                if size > limits.max_bytes:
-                    raise ImageLoadError(f"URL {url} sent more than the limit of {limits.max_bytes} bytes")
+                if size > max_bytes:
+                    raise ImageLoadError(f"URL {url} sent more than the limit of {max_bytes} bytes")
                 chunks.append(chunk)
     except requests.TooManyRedirects:
         raise ImageLoadError(f"URL {url} redirects more than {limits.max_redirects} times") from None
@@ -115,6 +120,10 @@ def _fetch_url(url: str, limits: ImageLimits) -> bytes:
     return data
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _data_uri(uri: str) -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep or ";base64" not in header:
@@ -128,7 +137,7 @@ def _data_uri(uri: str) -> bytes:
 def load_image(ref: ImageRef, image_folder: str | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
     source = ref.source
     if source.startswith(("http://", "https://")):
-        return _decode(_fetch_url(source, limits), source, limits)
+        return _decode(fetch_url(source, limits), source, limits)
     if source.startswith("data:"):
         return _decode(_data_uri(source), "from a data: URI", limits)
     if "://" in source:

@@ -1,0 +1,150 @@
+"""Pictures and videos of a conversation -> the model's inputs, through the model's own processor.
+
+The processor resizes pictures, samples and resizes video frames (with the options of tuning.data.resolution),
+and says what each placeholder of the chat template becomes (so many image tokens; for Qwen3-VL, timestamps
+and one block per frame): nothing here knows a model's token counts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from tuning.data.conversation import Conversation, ImageRef, VideoRef
+from tuning.data.images import ImageLimits, ImageLoadError, load_image
+from tuning.data.videos import load_video
+
+
+@dataclass
+class Media:
+    """The processed pictures and videos of one conversation, in order."""
+
+    features: dict = field(default_factory=dict)  # pixel_values, image_grid_thw, pixel_values_videos, ...
+    image_texts: list[str] = field(default_factory=list)  # what each image placeholder becomes
+    video_texts: list[str] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each picture file
+
+    @property
+    def image_grid(self) -> torch.Tensor | None:
+        return self.features.get("image_grid_thw")
+
+    @property
+    def video_grid(self) -> torch.Tensor | None:
+        return self.features.get("video_grid_thw")
+
+    def first(self, images: int, videos: int) -> dict:
+        """The features of the first `images` pictures and `videos` videos (a sample holding a prefix of them)."""
+        out = {}
+        if images:
+            grid = self.image_grid[:images]
+            out["pixel_values"] = self.features["pixel_values"][: int(grid.prod(dim=1).sum())]
+            out["image_grid_thw"] = grid
+        if videos:
+            grid = self.video_grid[:videos]
+            out["pixel_values_videos"] = self.features["pixel_values_videos"][: int(grid.prod(dim=1).sum())]
+            out["video_grid_thw"] = grid
+            if "second_per_grid_ts" in self.features:
+                out["second_per_grid_ts"] = [float(t) for t in self.features["second_per_grid_ts"][:videos]]
+        return out
+
+
+class MediaProcessor:
+    """Loads a conversation's pictures and videos within limits and runs them through the model's processor."""
+
+    def __init__(self, processor, image_folder: str | None, limits: ImageLimits, max_images: int):
+        self.processor = processor
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.video_processor = getattr(processor, "video_processor", None)
+        self.image_token = getattr(processor, "image_token", None)
+        self.video_token = getattr(processor, "video_token", None)
+        self.image_folder, self.limits, self.max_images = image_folder, limits, max_images
+
+    def placeholder_pattern(self) -> re.Pattern | None:
+        tokens = [t for t in (self.image_token, self.video_token) if t]
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+    def resized_sizes(self, media: Media) -> list[tuple[int, int]]:
+        """(width, height) of each picture as the model sees it, after the processor's resize."""
+        if media.image_grid is None:
+            return []
+        patch = self.image_processor.patch_size
+        return [(int(w) * patch, int(h) * patch) for _, h, w in media.image_grid.tolist()]
+
+    def process(self, conv: Conversation) -> Media:
+        found = [(part, i) for i, m in enumerate(conv.messages) for part in m.media]
+        if not found:
+            return Media()
+        if len(found) > self.max_images:
+            raise conv.error(
+                f"{len(found)} images and videos, more than the {self.max_images} allowed per sample",
+                "split the conversation, or raise --max_images_per_sample",
+                found[self.max_images][1],
+                "content",
+            )
+        images, videos, sizes = [], [], []
+        for part, index in found:
+            try:
+                if isinstance(part, ImageRef):
+                    self._need(conv, self.image_processor, "images", index)
+                    image = load_image(part, self.image_folder, self.limits)
+                    images.append(image)
+                    sizes.append(image.size)
+                else:
+                    self._need(conv, self.video_processor, "videos", index)
+                    videos.append(self._load_video(part))
+            except ImageLoadError as e:
+                raise conv.error(str(e), "", index, "content") from None
+        try:
+            return self._run(images, videos, sizes)
+        except (ValueError, RuntimeError) as e:  # a video the processor cannot take (too few frames, ...)
+            raise conv.error(
+                f"the processor refused the pictures or videos ({e})", "", found[0][1], "content"
+            ) from None
+
+    def _need(self, conv: Conversation, sub_processor, what: str, index: int) -> None:
+        if sub_processor is None:
+            raise conv.error(
+                f"the sample has {what} but the model takes none (it is text-only, or has no {what[:-1]} processor)",
+                f"use a vision-language model that reads {what}, or remove them",
+                index,
+                "content",
+            )
+
+    def _load_video(self, ref: VideoRef):
+        return load_video(
+            ref, self.video_processor.sample_frames, self.video_processor.fps or 2.0, self.image_folder, self.limits
+        )
+
+    def _run(self, images: list, videos: list, sizes: list) -> Media:
+        text = (self.image_token or "") * len(images) + (self.video_token or "") * len(videos)
+        kwargs = {}
+        if videos:
+            kwargs = {
+                "videos": [frames for frames, _ in videos],
+                "video_metadata": [metadata for _, metadata in videos],
+                "do_sample_frames": False,  # sampled already, by the same processor, before decoding
+            }
+        out = self.processor(
+            text=[text],
+            images=images or None,
+            return_text_replacement_offsets=True,
+            return_tensors="pt",
+            **kwargs,
+        )
+        replacements = out.pop("text_replacement_offsets")[0]
+        features = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        return Media(
+            features=features,
+            image_texts=[r["replacement"] for r in replacements if r["type"] == "image"],
+            video_texts=[r["replacement"] for r in replacements if r["type"] == "video"],
+            original_sizes=sizes,
+        )
+
+    def blank_picture(self) -> Media:
+        """One grey picture of the smallest size the processor keeps (the placeholder of picture-less batches)."""
+        from PIL import Image
+
+        side = self.image_processor.patch_size * self.image_processor.merge_size
+        return self._run([Image.new("RGB", (side, side), (128, 128, 128))], [], [(side, side)])
