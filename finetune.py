@@ -26,6 +26,7 @@ from tuning.data.args import DataArguments, merge_repeated_flags
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset, sample_to_features
 from tuning.data.errors import DataError, DataErrors
+from tuning.loss import LOSS_IMPLEMENTATIONS
 from tuning.model import (
     LoadOptions,
     LoraOptions,
@@ -104,6 +105,15 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision-language projector (default: --learning_rate)."}
+    )
+    loss_impl: str = field(
+        default="chunked",
+        metadata={
+            "help": "chunked: the loss from the hidden states at the supervised positions, a chunk of rows at a "
+            "time, never the full logits (exact; the memory of the logits is what runs out on a real vocabulary). "
+            "plain: the model's own loss over the full logits. With --use_liger_kernel True Liger's fused loss runs.",
+            "choices": list(LOSS_IMPLEMENTATIONS),
+        },
     )
     on_nonfinite: str = field(
         default="stop",
@@ -359,6 +369,9 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
     if training_args.ddp_find_unused_parameters is None and is_vision_language(model.config):
         # Text-only batches leave the vision tower out of the graph: DDP must not wait for its gradients.
         training_args.ddp_find_unused_parameters = True
+    if data_args.packing and training_args.include_num_input_tokens_seen == "non_padding":
+        # a packed batch has no padding: every token is real (and there is no attention mask to count them by)
+        training_args.include_num_input_tokens_seen = "all"
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
@@ -377,6 +390,8 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         callbacks=[*standard_callbacks(training_args, resume, tokenizer, processor), stop_on_signal, *callbacks],
         on_nonfinite=training_args.on_nonfinite,
         lr_by_prefix=learning_rates_by_part(model, training_args),
+        loss_impl="plain" if training_args.use_liger_kernel else training_args.loss_impl,
+        max_tokens_per_batch=data_args.max_tokens_per_batch,
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
     trainer.train(resume_from_checkpoint=resume)

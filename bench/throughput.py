@@ -3,12 +3,19 @@
     python bench/throughput.py                 # ~30M-parameter Qwen2, 512 generated chats, 3 timed steps
     python bench/throughput.py --steps 5 --batch 16
     python bench/throughput.py --smoke         # a tiny model and 2 steps: checks that every mode runs
+    python bench/throughput.py --vocab real    # Qwen's 151,936-token vocabulary: ours against TRL, LoRA
+    python bench/throughput.py --vocab real --tuning full
 
 Modes, each in a fresh process (so peak memory is its own), on the same weights and samples:
   reference  every sample padded to model_max_length, as the Qwen2 finetune.py does (kept only here)
   dynamic    each batch padded to its longest sample (--packing False)
   packed     the toolkit's default: a batch flattened into one row with per-sample positions (padding-free)
   trl        TRL SFTTrainer with its best packing: best-fit-decreasing packs, padding-free
+
+With --vocab real (the logits are then the memory): ours (the default chunked loss from the hidden states at the
+supervised positions, batches of --max_tokens_per_batch), ours with --loss_impl plain, and TRL SFTTrainer at its
+best memory setting (padding-free bfd packs of the same tokens per step; its loss is already chunked), peak memory
+and real tokens/s with the ratios to TRL, in bench/results/throughput-real-<lora|full>-<device>.md.
 
 Printed and written to bench/results/throughput-<device>.md and .png: real (non-padding) tokens per second,
 the padding fraction, peak memory (RSS on CPU, allocated on GPU), achieved FLOP/s as a fraction of a plain
@@ -36,10 +43,21 @@ if __name__ == "__main__":  # the repository, not bench/: bench/profile.py would
     sys.path[0] = str(REPO)
 
 MODES = ("reference", "dynamic", "packed", "trl")
+REAL_MODES = ("ours", "plain", "trl")  # --vocab real
 RESULTS = REPO / "bench" / "results"
 MODEL_SIZES = {
     "full": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536},
     "smoke": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128},
+    # Qwen2.5-0.5B's shapes (hidden 896, 14 heads, 2 KV heads, intermediate 4864, tied embeddings) and its
+    # vocabulary of 151,936, with 2 layers instead of 24 so that it runs on a CPU
+    "real": {
+        "hidden_size": 896,
+        "num_layers": 2,
+        "num_heads": 14,
+        "num_kv_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+    },
 }
 
 
@@ -151,6 +169,15 @@ def common_arguments(settings: dict, out: str, batch: int) -> dict:
     }
 
 
+def lora(model, settings: dict):
+    """The toolkit's LoRA (every linear layer of the language model), when the bench tunes with LoRA."""
+    if settings.get("tuning") != "lora":
+        return model
+    from tuning.model import LoraOptions, attach_lora
+
+    return attach_lora(model, LoraOptions(r=16, alpha=32, dropout=0.0), [], quantized=False, checkpointing=False)
+
+
 def run_mode(mode: str, settings: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -159,6 +186,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     from tuning.data.dataset import build_dataset
     from tuning.data.encode import Encoder
     from tuning.model import load_processing, set_use_cache
+    from tuning.train import GuardedTrainer
 
     tokenizer, _, _ = load_processing(settings["model"])
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -170,23 +198,41 @@ def run_mode(mode: str, settings: dict) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench-{mode}-")
     batch = settings["batch"]
 
+    real = settings.get("vocab") == "real"
     if mode == "trl":
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
         records = [json.loads(line) for line in Path(settings["data"]).read_text().splitlines()]
         pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in records]
-        # packs of up to max_length tokens: as many packs per step as give the other modes' tokens per step
-        batch = max(1, round(batch * settings["mean_length"] / settings["max_length"]))
+        pack = settings["tokens_per_step"] if real else settings["max_length"]
+        # packs of up to `pack` tokens: as many packs per step as give the other modes' tokens per step
+        batch = 1 if real else max(1, round(batch * settings["mean_length"] / settings["max_length"]))
         config = SFTConfig(
             **common_arguments(settings, out, batch),
-            max_length=settings["max_length"],
+            max_length=pack,
             packing=True,
             packing_strategy="bfd",
+            padding_free=True,
             dataset_num_proc=1,
         )
         trainer = SFTTrainer(
-            model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer
+            model=lora(model, settings),
+            args=config,
+            train_dataset=Dataset.from_list(pairs),
+            processing_class=tokenizer,
+        )
+    elif real:  # the toolkit's trainer: packed batches of --max_tokens_per_batch, chunked (ours) or stock loss
+        encoder = Encoder(tokenizer, None, model_type="qwen2", max_length=settings["max_length"])
+        dataset, _ = build_dataset([settings["data"]], encoder, show_progress=False)
+        model = lora(model, settings)
+        trainer = GuardedTrainer(
+            model=model,
+            args=TrainingArguments(**common_arguments(settings, out, 1), remove_unused_columns=False),
+            train_dataset=dataset,
+            data_collator=FlatteningCollator(),
+            loss_impl="chunked" if mode == "ours" else "plain",
+            max_tokens_per_batch=settings["tokens_per_step"],
         )
     else:
         encoder = Encoder(tokenizer, None, model_type="qwen2", max_length=settings["max_length"])
@@ -197,7 +243,9 @@ def run_mode(mode: str, settings: dict) -> dict:
             "dynamic": lambda: PaddingCollator(pad_token_id=tokenizer.pad_token_id),
             "packed": lambda: FlatteningCollator(),
         }[mode]()
-        trainer = Trainer(
+        # the toolkit's own trainer (its default loss) for the packed mode; the stock Trainer for the others
+        trainer_class = GuardedTrainer if mode == "packed" else Trainer
+        trainer = trainer_class(
             model=model,
             args=TrainingArguments(**common_arguments(settings, out, batch), remove_unused_columns=False),
             train_dataset=dataset,
@@ -269,6 +317,34 @@ def device_name() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
+def real_table(results: dict, settings: dict) -> str:
+    """--vocab real: the toolkit (chunked loss, and the stock loss) against TRL at its best memory setting."""
+    trl = results["trl"]
+
+    def rate(r):
+        return r["real_tokens"] / r["seconds"]
+
+    lines = [
+        f"Model: Qwen2.5-0.5B shapes with 2 layers ({settings['parameters'] / 1e6:.0f}M parameters, random weights), "
+        f"vocabulary 151,936, {settings['tuning']}, {'bf16' if settings['cuda'] else 'fp32'}; data: "
+        f"{settings['samples']} generated chats, {settings['length_summary']}; {settings['tokens_per_step']} tokens "
+        f"per step (ours: --max_tokens_per_batch; TRL: one padding-free bfd pack); {settings['steps']} timed steps "
+        f"after {settings['warmup']} warm-up. Device: {settings['device']}.",
+        "",
+        "| mode | real tokens/s | peak memory | tokens/s vs TRL | memory vs TRL |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    names = {"ours": "ours (default: chunked loss)", "plain": "ours, --loss_impl plain", "trl": "TRL SFTTrainer"}
+    for mode in REAL_MODES:
+        r = results[mode]
+        memory = r["peak_memory_bytes"]
+        lines.append(
+            f"| {names[mode]} | {rate(r):,.0f} | {memory / 2**20:,.0f} MiB | {rate(r) / rate(trl):.2f}x "
+            f"| {memory / trl['peak_memory_bytes']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(results: dict, matmul: float, settings: dict) -> str:
     ref, trl = results["reference"], results["trl"]
 
@@ -324,12 +400,13 @@ def prepare(args) -> dict:
     from tuning.model import load_processing
     from tuning.tiny import ensure_tiny
 
-    size = "smoke" if args.smoke else "full"
+    size = "smoke" if args.smoke else "real" if args.vocab == "real" else "full"
     model = ensure_tiny(
         "text", out=REPO / "models" / f"bench-qwen2-{size}", initializer_range=0.02, **MODEL_SIZES[size]
     )
     tokenizer, _, _ = load_processing(str(model))
-    lengths = chat_lengths(args.samples, args.seed, high=args.max_length - 16)  # room for re-tokenizing
+    median = 200 if args.vocab == "real" else 150
+    lengths = chat_lengths(args.samples, args.seed, median=median, high=args.max_length - 16)  # room to re-tokenize
     data = write_chats(Path(tempfile.mkdtemp(prefix="bench-data-")) / "chats.jsonl", tokenizer, lengths, args.seed)
     from tuning.data.dataset import build_dataset
     from tuning.data.encode import Encoder
@@ -357,6 +434,9 @@ def prepare(args) -> dict:
         "parameters": parameters,
         "cuda": torch.cuda.is_available(),
         "device": device_name(),
+        "vocab": args.vocab,
+        "tuning": args.tuning,
+        "tokens_per_step": args.tokens_per_step,
     }
 
 
@@ -387,7 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 short steps: does every mode run?")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and chart go")
-    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vocab",
+        choices=["small", "real"],
+        default="small",
+        help="real: Qwen2.5-0.5B shapes (2 layers) on the 151,936-token vocabulary, ours against TRL",
+    )
+    parser.add_argument("--tuning", choices=["lora", "full"], default="lora", help="with --vocab real")
+    parser.add_argument("--tokens_per_step", type=int, default=2048, help="with --vocab real")
+    parser.add_argument("--child", choices=sorted({*MODES, *REAL_MODES}), help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -397,20 +485,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.smoke:
         args.batch, args.steps, args.samples, args.max_length = 4, 1, 32, 256
+        args.tokens_per_step = min(args.tokens_per_step, 512)
+    elif args.vocab == "real" and args.max_length == 1024:
+        args.max_length = 4096  # a long tail: some chats over 2,000 tokens
     settings = prepare(args)
     matmul = matmul_flops_per_second()
     results = {}
-    for mode in MODES:
+    modes = REAL_MODES if args.vocab == "real" else MODES
+    for mode in modes:
         results[mode] = run_in_child(mode, settings)
         r = results[mode]
         print(f"{mode}: {r['real_tokens'] / r['seconds']:,.0f} real tokens/s", file=sys.stderr)
-    text = table(results, matmul, settings)
+    text = real_table(results, settings) if args.vocab == "real" else table(results, matmul, settings)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "throughput-smoke" if args.smoke else f"throughput-{'gpu' if settings['cuda'] else 'cpu'}"
+    device = "gpu" if settings["cuda"] else "cpu"
+    kind = f"real-{args.tuning}-" if args.vocab == "real" else ""
+    stem = f"throughput-{kind}{'smoke' if args.smoke else device}"
     command = "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / f"{stem}.md").write_text(f"# Training throughput\n\n`{command.strip()}`\n\n{text}")
-    chart(results, args.out / f"{stem}.png", f"real tokens/s, {settings['device']}")
+    if args.vocab != "real":
+        chart(results, args.out / f"{stem}.png", f"real tokens/s, {settings['device']}")
     (args.out / f"{stem}.json").write_text(
         json.dumps({"settings": settings, "matmul": matmul, "results": results}, indent=1)
     )

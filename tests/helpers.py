@@ -97,6 +97,16 @@ def small_run_args(model, out, data: list[str], *flags: str) -> list[str]:
     ]
 
 
+def run_module(module: str, *args: str, timeout: int = 300):
+    """`python -m MODULE ARGS` from the repository, as a user runs it: the completed process, output captured."""
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO, run_env
+
+    command = [PYTHON, "-m", module, *args]
+    return subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def free_port() -> int:
     import socket
 

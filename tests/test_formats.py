@@ -12,8 +12,16 @@ import subprocess
 import pytest
 from PIL import Image
 
-from tests.conftest import DATA, PYTHON, REPO, run_env
-from tests.helpers import conversations, encoder_for, reference_ids, supervised_runs, write_json, write_jsonl
+from tests.conftest import DATA, REPO, run_env
+from tests.helpers import (
+    conversations,
+    encoder_for,
+    reference_ids,
+    run_module,
+    supervised_runs,
+    write_json,
+    write_jsonl,
+)
 from tuning.data.dataset import build_dataset
 from tuning.data.errors import DataError, DataErrors
 from tuning.data.formats import iter_conversations
@@ -366,9 +374,7 @@ def test_skipped_bad_shapes_are_listed_in_the_report(vl_processing, formats_fold
 
 
 def check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "tuning.data", *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300
-    )
+    return run_module("tuning.data", *args)
 
 
 def test_check_command_names_each_files_format(tiny_vl, formats_folder):

@@ -43,47 +43,13 @@ def losses(folder) -> list[float]:
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
-def test_identity_is_learned_and_survives_the_merge(tmp_path, tiny_text):
+def learn_identity(model, tmp_path, *generator_flags: str, max_new_tokens: int = 64):
+    """Generate the identity data, train LoRA 20 epochs, merge; (the answer to learn, the merged chat, the adapter)."""
     data = tmp_path / "identity.json"
-    generate("make_identity.py", data)
+    generate("make_identity.py", data, *generator_flags)
     expected = json.loads(data.read_text())[0]["conversations"][1]["value"]
-    base = Chat(*load_for_chat(str(tiny_text)), settings=GenerationSettings(64))
+    base = Chat(*load_for_chat(str(model)), settings=GenerationSettings(max_new_tokens))
     assert base.ask("你是谁？").strip() != expected
-
-    adapter = tmp_path / "lora"
-    train(
-        [
-            "--model_name_or_path",
-            str(tiny_text),
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(adapter),
-            "--num_train_epochs",
-            "20",
-            "--per_device_train_batch_size",
-            "8",
-            *COMMON,
-        ]
-    )
-    merge(adapter, tmp_path / "merged")
-    tuned = Chat(*load_for_chat(str(tmp_path / "merged")), settings=GenerationSettings(64))
-    for question in ("你是谁？", "Could you tell me who you are?"):  # the second was never trained on
-        tuned.reset()
-        assert tuned.ask(question).strip() == expected, question
-    curve = losses(adapter)
-    assert curve[-1] < curve[0] / 10 and (adapter / "loss.png").stat().st_size > 5_000
-
-
-def test_qwen3_learns_an_answer_with_its_reasoning_and_survives_the_merge(tmp_path):
-    """The tiny Qwen3 (official template): LoRA trains on answers with a <think> block and merges; greedy decoding
-    then writes the reasoning and the answer, for a phrasing never trained on too."""
-    from tuning.tiny import ensure_tiny
-
-    model = ensure_tiny("qwen3")
-    data = tmp_path / "identity.json"
-    generate("make_identity.py", data, "--reasoning")
-    expected = json.loads(data.read_text())[0]["conversations"][1]["value"]
     adapter = tmp_path / "lora"
     train(
         [
@@ -101,7 +67,29 @@ def test_qwen3_learns_an_answer_with_its_reasoning_and_survives_the_merge(tmp_pa
         ]
     )
     merge(adapter, tmp_path / "merged")
-    tuned = Chat(*load_for_chat(str(tmp_path / "merged")), settings=GenerationSettings(96))
+    return (
+        expected,
+        Chat(*load_for_chat(str(tmp_path / "merged")), settings=GenerationSettings(max_new_tokens)),
+        adapter,
+    )
+
+
+def test_identity_is_learned_and_survives_the_merge(tmp_path, tiny_text):
+    expected, tuned, adapter = learn_identity(tiny_text, tmp_path)
+    for question in ("你是谁？", "Could you tell me who you are?"):  # the second was never trained on
+        tuned.reset()
+        assert tuned.ask(question).strip() == expected, question
+    curve = losses(adapter)
+    assert curve[-1] < curve[0] / 10 and (adapter / "loss.png").stat().st_size > 5_000
+
+
+def test_qwen3_learns_an_answer_with_its_reasoning_and_survives_the_merge(tmp_path):
+    """The tiny Qwen3 (official template): LoRA trains on answers with a <think> block and merges; greedy decoding
+    then writes the reasoning and the answer, for a phrasing never trained on too."""
+    from tuning.tiny import ensure_tiny
+
+    expected, tuned, _ = learn_identity(ensure_tiny("qwen3"), tmp_path, "--reasoning", max_new_tokens=96)
+    assert expected.startswith("<think>\n")
     for question in ("你是谁？", "Could you tell me who you are?"):
         tuned.reset()
         assert tuned.ask(question).strip() == expected, question

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
 
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from tests.conftest import DATA, PYTHON, REPO, run_env
-from tests.helpers import write_json
+from tests.conftest import DATA
+from tests.helpers import run_module, write_json
 from tuning.data.args import DataArguments
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset
@@ -70,26 +69,8 @@ def test_an_overlong_sample_says_why_and_how_to_fix_it(tiny_vl, tmp_path):
         "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A wall."}],
     }
     path = write_json(tmp_path / "d.json", [record])
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "tuning.data",
-            "--model_name_or_path",
-            str(tiny_vl),
-            "--data_path",
-            str(path),
-            "--image_max_pixels",
-            "model",
-            "--model_max_length",
-            "40",
-        ],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    flags = ["--data_path", str(path), "--image_max_pixels", "model", "--model_max_length", "40"]
+    result = run_module("tuning.data", "--model_name_or_path", str(tiny_vl), *flags)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (
         "sample photo: " in result.stderr and "86 tokens (54 image tokens), over --model_max_length 40" in result.stderr
@@ -161,24 +142,9 @@ def test_a_corrupt_or_cut_video_is_named_and_can_be_skipped(vl_processing, tmp_p
 
 @pytest.mark.slow
 def test_the_chat_command_answers_about_a_video(tiny_vl):
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "tuning.chat",
-            str(tiny_vl),
-            "--video",
-            str(DATA / "videos" / "red_square.mp4"),
-            "--prompt",
-            "What colour?",
-            "--max_new_tokens",
-            "4",
-        ],
-        cwd=REPO,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    video = str(DATA / "videos" / "red_square.mp4")
+    result = run_module(
+        "tuning.chat", str(tiny_vl), "--video", video, "--prompt", "What colour?", "--max_new_tokens", "4"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()

@@ -115,13 +115,10 @@ class Chat:
             return {}
         from tuning.data.conversation import VideoRef
         from tuning.data.images import ImageLimits
-        from tuning.data.videos import load_video
+        from tuning.data.pixels import MediaProcessor
 
-        video_processor = self.processor.video_processor
-        loaded = [
-            load_video(VideoRef(str(path), ""), video_processor.sample_frames, video_processor.fps, None, ImageLimits())
-            for path in paths
-        ]
+        media = MediaProcessor(self.processor, None, ImageLimits(), len(paths))
+        loaded = [media.load_video(VideoRef(str(path), "")) for path in paths]
         return {
             "videos": [frames for frames, _ in loaded],
             "video_metadata": [metadata for _, metadata in loaded],

@@ -210,7 +210,9 @@ def build_app(demo_model: DemoModel, title: str = "Multimodal chat"):
         return history, raw[:-1] if raw else raw
 
     with gr.Blocks(title=title) as app:
-        gr.Markdown(f"## {title}\nUpload pictures or videos, ask about them. Boxes the model names are drawn on the picture.")
+        gr.Markdown(
+            f"## {title}\nUpload pictures or videos, ask about them. Boxes the model names are drawn on the picture."
+        )
         chatbot = gr.Chatbot(label="conversation", height=520, elem_id="chatbot")
         raw_answers = gr.State([])
         box = gr.MultimodalTextbox(

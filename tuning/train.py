@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from tuning.loss import output_head, supervised_loss
+
 logger = logging.getLogger(__name__)
 
 
@@ -284,11 +286,57 @@ class GuardedTrainer(Trainer):
     """The Trainer, with a non-finite loss caught where it happens (the stock Trainer averages it out of the
     log and trains on) and the fp16 loss scale logged with the loss."""
 
-    def __init__(self, *args, on_nonfinite: str = "stop", lr_by_prefix: dict[str, float] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        on_nonfinite: str = "stop",
+        lr_by_prefix: dict[str, float] | None = None,
+        loss_impl: str = "chunked",
+        max_tokens_per_batch: int | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.on_nonfinite = on_nonfinite
         self.lr_by_prefix = lr_by_prefix or {}  # e.g. the vision tower and the projector at their own rates
+        self.loss_impl = loss_impl
         self.add_callback(NonFiniteGradients(on_nonfinite))
+
+    def get_train_dataloader(self):
+        """With --max_tokens_per_batch: batches filled up to that many tokens (tuning.data.batching)."""
+        if not self.max_tokens_per_batch:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        from tuning.data.batching import TokenBudgetBatchSampler
+
+        sampler = TokenBudgetBatchSampler(self.train_dataset.lengths, self.max_tokens_per_batch, seed=self.args.seed)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training batches: the loss from the hidden states at the supervised positions (tuning.loss), never the
+        full logits. The stock path for --loss_impl plain, evaluation, and heads that are not plain linear layers."""
+        if self.loss_impl != "chunked" or not model.training or "labels" not in inputs or output_head(model) is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        with supervised_loss(model, labels) as keep:
+            outputs = model(**inputs, logits_to_keep=keep)
+        loss_sum = outputs.logits.reshape(())  # the head returned the summed loss (tuning.loss)
+        if num_items_in_batch is not None:  # normalised over the supervised tokens of the whole accumulated step
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # the gradients are averaged over the ranks
+        else:
+            loss = loss_sum / (labels[:, 1:] != -100).sum().clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the parameters under each prefix of lr_by_prefix in groups of their own

@@ -59,6 +59,14 @@ class DataArguments:
             "attends to another and no compute goes to padding. False pads each batch to its longest."
         },
     )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fill each batch with whole samples up to this many tokens (best-fit decreasing, as TRL packs) "
+            "instead of --per_device_train_batch_size samples: memory stays flat over long-tailed data. The loss is "
+            "normalised over the supervised tokens of the whole optimizer step."
+        },
+    )
     image_folder: str | None = field(
         default=None, metadata={"help": "Where relative image paths are looked up after the data file's folder."}
     )
@@ -149,6 +157,8 @@ class DataArguments:
             self.media_options()
         except ValueError as e:
             found.append(f"a pixel flag: {e}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            found.append(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}")
         if self.video_fps <= 0 or self.video_maxlen < 1:
             found.append("--video_fps and --video_maxlen must be positive")
         return found

@@ -7,6 +7,7 @@ and one block per frame): nothing here knows a model's token counts.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -93,7 +94,7 @@ class MediaProcessor:
                     sizes.append(image.size)
                 else:
                     self._need(conv, self.video_processor, "videos", index)
-                    videos.append(self._load_video(part))
+                    videos.append(self.load_video(part))
             except ImageLoadError as e:
                 raise conv.error(str(e), "", index, "content") from None
         try:
@@ -112,10 +113,11 @@ class MediaProcessor:
                 "content",
             )
 
-    def _load_video(self, ref: VideoRef):
-        return load_video(
-            ref, self.video_processor.sample_frames, self.video_processor.fps or 2.0, self.image_folder, self.limits
-        )
+    def load_video(self, ref: VideoRef):
+        # the processor's fps as tuning.data.resolution set it, else the usual 2 frames a second
+        fps = getattr(self.video_processor, "fps", None) or 2.0
+        sample = functools.partial(self.video_processor.sample_frames, fps=fps)
+        return load_video(ref, sample, fps, self.image_folder, self.limits)
 
     def _run(self, images: list, videos: list, sizes: list) -> Media:
         text = (self.image_token or "") * len(images) + (self.video_token or "") * len(videos)
