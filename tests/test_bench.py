@@ -32,6 +32,17 @@ def test_throughput_bench_times_every_mode_on_the_same_samples(tmp_path):
     assert (tmp_path / "throughput-smoke.png").stat().st_size > 5000
 
 
+def test_real_vocabulary_bench_compares_ours_with_trl_on_the_same_tokens(tmp_path):
+    bench("bench/throughput.py", "--vocab", "real", "--smoke", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "throughput-real-lora-smoke.json").read_text())["results"]
+    assert set(results) == {"ours", "plain", "trl"}
+    # the two toolkit modes differ only in the loss: the same batches, so the same tokens
+    assert results["ours"]["real_tokens"] == results["plain"]["real_tokens"] > 0
+    assert all(r["peak_memory_bytes"] > 0 and r["training_memory_bytes"] >= 0 for r in results.values())
+    table = (tmp_path / "throughput-real-lora-smoke.md").read_text()
+    assert "| ours (default: chunked loss) |" in table and "| TRL SFTTrainer |" in table
+
+
 def test_profile_bench_runs_every_method(tmp_path):
     result = bench("bench/profile.py", "--smoke", "--out", str(tmp_path))
     table = (tmp_path / "profile-small-smoke.md").read_text()
