@@ -38,6 +38,24 @@ def generate(script: str, out, *args: str) -> None:
     subprocess.run([PYTHON, f"data/{script}", "--out", str(out), *args], cwd=REPO, check=True, capture_output=True)
 
 
+def train_lora(model, data, adapter, epochs: int, batch: int) -> None:
+    train(
+        [
+            "--model_name_or_path",
+            str(model),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(adapter),
+            "--num_train_epochs",
+            str(epochs),
+            "--per_device_train_batch_size",
+            str(batch),
+            *COMMON,
+        ]
+    )
+
+
 def losses(folder) -> list[float]:
     state = json.loads((folder / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -51,21 +69,7 @@ def learn_identity(model, tmp_path, *generator_flags: str, max_new_tokens: int =
     base = Chat(*load_for_chat(str(model)), settings=GenerationSettings(max_new_tokens))
     assert base.ask("你是谁？").strip() != expected
     adapter = tmp_path / "lora"
-    train(
-        [
-            "--model_name_or_path",
-            str(model),
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(adapter),
-            "--num_train_epochs",
-            "20",
-            "--per_device_train_batch_size",
-            "8",
-            *COMMON,
-        ]
-    )
+    train_lora(model, data, adapter, epochs=20, batch=8)
     merge(adapter, tmp_path / "merged")
     return (
         expected,
@@ -105,21 +109,7 @@ def test_vision_answers_come_from_the_pixels(tmp_path, tiny_vl, style):
     assert exact_match(base, test, "_colour").accuracy < 0.5
 
     adapter = tmp_path / "lora"
-    train(
-        [
-            "--model_name_or_path",
-            str(tiny_vl),
-            "--data_path",
-            str(folder / "train.json"),
-            "--output_dir",
-            str(adapter),
-            "--num_train_epochs",
-            "2",
-            "--per_device_train_batch_size",
-            "1",
-            *COMMON,
-        ]
-    )
+    train_lora(tiny_vl, folder / "train.json", adapter, epochs=2, batch=1)
     tuned = Chat(*load_for_chat(str(tiny_vl), str(adapter)), settings=GenerationSettings(16))
     assert exact_match(tuned, test, "_colour").accuracy >= 0.9
     # Chance is 1/3: without the right picture the colour cannot be known.
@@ -135,21 +125,7 @@ def test_the_colour_of_a_moving_square_is_learned_from_the_video(tmp_path, tiny_
     folder = tmp_path / "videos"
     generate("make_videos.py", folder, "--blank")
     adapter = tmp_path / "lora"
-    train(
-        [
-            "--model_name_or_path",
-            str(tiny_vl),
-            "--data_path",
-            str(folder / "train.json"),
-            "--output_dir",
-            str(adapter),
-            "--num_train_epochs",
-            "3",
-            "--per_device_train_batch_size",
-            "1",
-            *COMMON,
-        ]
-    )
+    train_lora(tiny_vl, folder / "train.json", adapter, epochs=3, batch=1)
     tuned = Chat(*load_for_chat(str(tiny_vl), str(adapter)), settings=GenerationSettings(8))
     held_out = exact_match(tuned, folder / "test.json")
     blank = exact_match(tuned, folder / "test_blank.json")

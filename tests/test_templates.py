@@ -20,6 +20,9 @@ from tuning.data.formats import parse_record
 
 TEMPLATES = REPO / "tests" / "fixtures" / "templates"
 
+MISTRAL_TOKENS = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+                  "[/TOOL_RESULTS]"]  # fmt: skip
+
 # template -> (tokenizer family, special tokens to add, bos, eos)
 SPECIALS = {
     "qwen3": ("qwen3", [], None, None),
@@ -36,17 +39,7 @@ SPECIALS = {
     "internlm2": ("bpe", ["<s>", "</s>"], "<s>", "<|im_end|>"),
     "mistral-nemo": (
         "bpe",
-        [
-            "<s>",
-            "</s>",
-            "[INST]",
-            "[/INST]",
-            "[AVAILABLE_TOOLS]",
-            "[/AVAILABLE_TOOLS]",
-            "[TOOL_CALLS]",
-            "[TOOL_RESULTS]",
-            "[/TOOL_RESULTS]",
-        ],
+        ["<s>", "</s>", *MISTRAL_TOKENS],
         "<s>",
         "</s>",
     ),
@@ -72,15 +65,7 @@ SPECIALS = {
     ),
     "mistral-7b-v0.3": (
         "sentencepiece",
-        [
-            "[INST]",
-            "[/INST]",
-            "[AVAILABLE_TOOLS]",
-            "[/AVAILABLE_TOOLS]",
-            "[TOOL_CALLS]",
-            "[TOOL_RESULTS]",
-            "[/TOOL_RESULTS]",
-        ],
+        MISTRAL_TOKENS,
         "<s>",
         "</s>",
     ),
