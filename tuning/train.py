@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from tuning.data.encode import IGNORE_INDEX
 from tuning.loss import output_head, supervised_loss
 
 logger = logging.getLogger(__name__)
@@ -335,7 +336,7 @@ class GuardedTrainer(Trainer):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # the gradients are averaged over the ranks
         else:
-            loss = loss_sum / (labels[:, 1:] != -100).sum().clamp(min=1)
+            loss = loss_sum / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
