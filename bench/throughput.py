@@ -349,12 +349,14 @@ def device_name() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
+def rate(result: dict) -> float:
+    """Real (not padding) tokens per second of one measured mode."""
+    return result["real_tokens"] / result["seconds"]
+
+
 def real_table(results: dict, settings: dict) -> str:
     """--vocab real: the toolkit (chunked loss, and the stock loss) against TRL at its best memory setting."""
     trl = results["trl"]
-
-    def rate(r):
-        return r["real_tokens"] / r["seconds"]
 
     lines = [
         f"Model: Qwen2.5-0.5B shapes with 2 layers ({settings['parameters'] / 1e6:.0f}M parameters, random weights), "
@@ -383,9 +385,6 @@ def real_table(results: dict, settings: dict) -> str:
 
 def table(results: dict, matmul: float, settings: dict) -> str:
     ref, trl = results["reference"], results["trl"]
-
-    def rate(r):
-        return r["real_tokens"] / r["seconds"]
 
     lines = [
         f"Model: Qwen2 {settings['parameters'] / 1e6:.1f}M parameters (random weights), sdpa, "
