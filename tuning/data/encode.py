@@ -234,7 +234,7 @@ class Encoder:
 
     def _expand_media(self, conv: Conversation, segments, image_texts: list[str], video_texts: list[str]) -> list[str]:
         """Each picture or video placeholder of the template becomes what the processor says it is."""
-        pattern = self.media.placeholder_pattern()
+        pattern = self.media.placeholder_pattern
         pending = {self.image_token: iter(image_texts), self.video_token: iter(video_texts)}
 
         def expand(match: re.Match) -> str:

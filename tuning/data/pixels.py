@@ -61,10 +61,9 @@ class MediaProcessor:
         self.image_token = getattr(processor, "image_token", None)
         self.video_token = getattr(processor, "video_token", None)
         self.image_folder, self.limits, self.max_images = image_folder, limits, max_images
-
-    def placeholder_pattern(self) -> re.Pattern | None:
         tokens = [t for t in (self.image_token, self.video_token) if t]
-        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        # what the chat template writes for each picture and video (None for a text-only model)
+        self.placeholder_pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
     def resized_sizes(self, media: Media) -> list[tuple[int, int]]:
         """(width, height) of each picture as the model sees it, after the processor's resize."""
