@@ -149,7 +149,8 @@ class ChatTemplate:
             )
         prompt, before = context[len(base) :], shown[:at]
         written = max(j for j in range(len(prompt) + 1) if before.endswith(prompt[:j]))
-        opened, answer = prompt[written:], _raw_answer(messages[k])
+        # the answer as the data writes it: for a reasoning model, the reasoning in its think tags, then the reply
+        opened, answer = prompt[written:], _content_text(messages[k])
         if not answer.startswith(opened):
             raise TemplateError(
                 f"the generation prompt of {self.name} ends in {opened!r}, which the answer must continue, and this "
@@ -210,11 +211,6 @@ def _content_text(message: dict) -> str:
     return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict))
 
 
-def _raw_answer(message: dict) -> str:
-    """The answer as the model writes it: the reasoning inside its think tags, then the content."""
-    return _content_text(message)
-
-
 def _visible(message: dict) -> str:
     return THINK.sub("", _content_text(message)).replace("</think>", "").strip()
 
@@ -228,10 +224,6 @@ def _reasoning(message: dict) -> str:
 
 def _without_reasoning(message: dict) -> dict:
     return {k: v for k, v in message.items() if k != "reasoning_content"}
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _squash(text: str) -> str:
