@@ -23,7 +23,15 @@ from torch import nn
 from tuning.data.encode import IGNORE_INDEX
 
 LOSS_IMPLEMENTATIONS = ("chunked", "plain")
-CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 151,936 float32 = 0.16 GB
+# float32 logits alive at once: 138 rows of Qwen's 151,936. Measured on a 2-core CPU (1,500 rows, hidden 896): 128
+# rows as fast as 256 and half the memory, 64 rows 37 % slower
+CHUNK_BYTES = 80 * 2**20
+MIN_CHUNK_ROWS = 32
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Rows of logits per chunk: as many as CHUNK_BYTES of float32 logits hold, at least MIN_CHUNK_ROWS."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab_size))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -53,6 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight += grad_logits.t() @ rows.float()
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+            del logits, grad_logits  # else this chunk's logits stay alive while the next chunk's are made
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -70,10 +79,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def linear_cross_entropy_sum(hidden, head: nn.Module, targets, chunk: int = CHUNK_ROWS) -> torch.Tensor:
-    """The summed cross-entropy of the output head applied to `hidden` (rows, hidden size) against `targets`."""
+def linear_cross_entropy_sum(hidden, head: nn.Module, targets, chunk: int | None = None) -> torch.Tensor:
+    """The summed cross-entropy of the output head applied to `hidden` (rows, hidden size) against `targets`,
+    `chunk` rows of logits at a time (default: chunk_rows of the vocabulary)."""
     weight, bias = head.weight, getattr(head, "bias", None)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk or chunk_rows(head.out_features))
 
 
 def output_head(model: nn.Module) -> nn.Linear | None:
@@ -85,7 +95,7 @@ def output_head(model: nn.Module) -> nn.Linear | None:
 
 
 @contextlib.contextmanager
-def supervised_loss(model: nn.Module, labels: torch.Tensor, chunk: int = CHUNK_ROWS):
+def supervised_loss(model: nn.Module, labels: torch.Tensor, chunk: int | None = None):
     """For one forward of the model with `logits_to_keep=keep` (the value this yields): the output head, given the
     hidden states at the supervised positions, returns their summed loss (shape (1, 1)) instead of logits.
 
