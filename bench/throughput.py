@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +133,12 @@ class TrainingMemory:
         self.process, self.start, self.peak, self.running = psutil.Process(), 0, 0, False
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
-    def begin(self):
+    def begin(self, model):
+        import torch
+
+        with torch.no_grad():  # the weights are mapped from their file: read them, so that the start holds them
+            for parameter in model.parameters():
+                parameter.sum()
         self.start = self.peak = self.process.memory_info().rss
         self.running = True
         self.thread.start()
@@ -168,6 +174,44 @@ def timed_callback(warmup: int, counter: FedTokens):
     return Timer()
 
 
+def allocated_callback(counter: FedTokens):
+    """On a CPU, where the peak RSS also holds what the allocator keeps: the peak of the tensors alive during the
+    first step (the weights, gradients and optimizer states it touches, its activations, logits and
+    temporaries), from the profiler's memory timeline. What the GPU bench reports as allocated."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class Allocated(TrainerCallback):
+        def __init__(self):
+            self.profiler, self.peak, self.by_category, self.tokens = None, None, {}, 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                self.tokens = -counter.real
+                kinds = {"activities": [ProfilerActivity.CPU], "profile_memory": True, "record_shapes": True}
+                self.profiler = profile(**kinds, with_stack=True)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1 and self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                self.tokens += counter.real
+                with tempfile.TemporaryDirectory() as folder:
+                    path = os.path.join(folder, "timeline.json")
+                    with warnings.catch_warnings():  # deprecated for CUDA's memory snapshots, the CPU has none
+                        warnings.simplefilter("ignore", FutureWarning)
+                        self.profiler.export_memory_timeline(path, device="cpu")
+                    _, sizes = json.loads(Path(path).read_text())
+                at_peak = max(sizes, key=sum)
+                self.peak = sum(at_peak)
+                # the timeline's columns: an unused one, then the profiler's categories in its plot order
+                names = ["parameter", "optimizer state", "input", "temporary", "activation", "gradient"]
+                names += ["autograd detail", "unknown"]
+                self.by_category = {name: size for name, size in zip(names, at_peak[1:], strict=True) if size}
+
+    return Allocated()
+
+
 def _sync():
     import torch
 
@@ -192,7 +236,9 @@ def common_arguments(settings: dict, out: str, batch: int) -> dict:
         "seed": settings["seed"],
         "bf16": cuda,
         "use_cpu": not cuda,
-        "gradient_checkpointing": False,
+        # --vocab real: on, the default of both toolkits (our launchers, TRL's SFTConfig) and their lowest memory
+        "gradient_checkpointing": settings.get("checkpointing", False),
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "dataloader_num_workers": 0,
     }
 
@@ -203,7 +249,8 @@ def lora(model, settings: dict):
         return model
     from tuning.model import LoraOptions, attach_lora
 
-    return attach_lora(model, LoraOptions(r=16, alpha=32, dropout=0.0), [], quantized=False, checkpointing=False)
+    options = LoraOptions(r=16, alpha=32, dropout=0.0)
+    return attach_lora(model, options, [], quantized=False, checkpointing=settings.get("checkpointing", False))
 
 
 def run_mode(mode: str, settings: dict) -> dict:
@@ -280,10 +327,19 @@ def run_mode(mode: str, settings: dict) -> dict:
             data_collator=inner,
         )
     counter = FedTokens(model)
+    if settings.get("profile"):  # a process of its own: the profiler's records would count in the peak RSS
+        allocated = allocated_callback(counter)
+        trainer.add_callback(allocated)
+        trainer.train()
+        return {
+            "tensor_peak_bytes": allocated.peak,
+            "tensor_peak_by_category": allocated.by_category,
+            "profiled_tokens": allocated.tokens,
+        }
     timer = timed_callback(settings["warmup"], counter)
     trainer.add_callback(timer)
     memory = TrainingMemory()
-    memory.begin()
+    memory.begin(model)
     trainer.train()
     training_memory = memory.end()
 
@@ -304,6 +360,7 @@ def run_mode(mode: str, settings: dict) -> dict:
         "useful_flops": useful_flops(model.config, lengths),
         "peak_memory_bytes": peak,
         "training_memory_bytes": training_memory,
+        "tensor_peak_bytes": peak,  # on a CPU, replaced by the profiled run's
         "batch": batch,
     }
 
@@ -361,24 +418,33 @@ def real_table(results: dict, settings: dict) -> str:
     lines = [
         f"Model: Qwen2.5-0.5B shapes with 2 layers ({settings['parameters'] / 1e6:.0f}M parameters, random weights), "
         f"vocabulary 151,936, {settings['tuning']}, {'bf16' if settings['cuda'] else 'fp32'}; data: "
-        f"{settings['samples']} generated chats, {settings['length_summary']}; {settings['tokens_per_step']} tokens "
+        f"{settings['samples']} generated chats, {settings['length_summary']}; gradient checkpointing "
+        f"{'on' if settings['checkpointing'] else 'off'}; {settings['tokens_per_step']} tokens "
         f"per step (ours: --max_tokens_per_batch; TRL: one padding-free bfd pack); {settings['steps']} timed steps "
         f"after {settings['warmup']} warm-up. Device: {settings['device']}. Peak memory: the process's peak RSS, "
         "libraries and weights included; memory taken by training: the peak RSS while training above the RSS when "
-        "it began.",
+        "it began, with the libraries loaded and the weights read"
+        + (
+            "."
+            if settings["cuda"]
+            else "; peak tensor memory: the peak of the tensors alive in the first step (weights, gradients, "
+            "optimizer states, activations, logits; not what the allocator keeps, as a GPU's allocated memory), "
+            f"profiled in a process of its own ({results['ours']['profiled_tokens']:,} tokens in ours, "
+            f"{trl['profiled_tokens']:,} in TRL's)."
+        ),
         "",
-        "| mode | real tokens/s | peak memory | memory taken by training | tokens/s vs TRL | peak vs TRL "
-        "| training memory vs TRL |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | real tokens/s | peak memory | memory taken by training | peak tensor memory | tokens/s vs TRL "
+        "| peak vs TRL | training memory vs TRL | tensor memory vs TRL |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     names = {"ours": "ours (default: chunked loss)", "plain": "ours, --loss_impl plain", "trl": "TRL SFTTrainer"}
     for mode in REAL_MODES:
         r = results[mode]
-        peak, training = r["peak_memory_bytes"], r["training_memory_bytes"]
+        peak, training, tensors = r["peak_memory_bytes"], r["training_memory_bytes"], r["tensor_peak_bytes"]
         lines.append(
             f"| {names[mode]} | {rate(r):,.0f} | {peak / 2**20:,.0f} MiB | {training / 2**20:,.0f} MiB "
-            f"| {rate(r) / rate(trl):.2f}x | {peak / trl['peak_memory_bytes']:.2f}x "
-            f"| {training / trl['training_memory_bytes']:.2f}x |"
+            f"| {tensors / 2**20:,.0f} MiB | {rate(r) / rate(trl):.2f}x | {peak / trl['peak_memory_bytes']:.2f}x "
+            f"| {training / trl['training_memory_bytes']:.2f}x | {tensors / trl['tensor_peak_bytes']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -472,6 +538,7 @@ def prepare(args) -> dict:
         "vocab": args.vocab,
         "tuning": args.tuning,
         "tokens_per_step": args.tokens_per_step,
+        "checkpointing": args.vocab == "real" and args.gradient_checkpointing == "true",
     }
 
 
@@ -510,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tuning", choices=["lora", "full"], default="lora", help="with --vocab real")
     parser.add_argument("--tokens_per_step", type=int, default=2048, help="with --vocab real")
+    parser.add_argument(
+        "--gradient_checkpointing",
+        choices=["true", "false"],
+        default="true",
+        help="with --vocab real: on is the default of both toolkits (and TRL's lowest-memory setting)",
+    )
     parser.add_argument("--child", choices=sorted({*MODES, *REAL_MODES}), help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -529,13 +602,17 @@ def main(argv: list[str] | None = None) -> int:
     modes = REAL_MODES if args.vocab == "real" else MODES
     for mode in modes:
         results[mode] = run_in_child(mode, settings)
+        if args.vocab == "real" and not settings["cuda"]:  # the tensor memory of one step, profiled apart
+            results[mode].update(run_in_child(mode, {**settings, "profile": True, "warmup": 1, "steps": 0}))
         r = results[mode]
         print(f"{mode}: {r['real_tokens'] / r['seconds']:,.0f} real tokens/s", file=sys.stderr)
     text = real_table(results, settings) if args.vocab == "real" else table(results, matmul, settings)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     device = "gpu" if settings["cuda"] else "cpu"
-    kind = f"real-{args.tuning}-" if args.vocab == "real" else ""
+    kind = (
+        f"real-{args.tuning}-{'' if settings['checkpointing'] else 'no-checkpointing-'}" if args.vocab == "real" else ""
+    )
     stem = f"throughput-{kind}{'smoke' if args.smoke else device}"
     command = "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / f"{stem}.md").write_text(f"# Training throughput\n\n`{command.strip()}`\n\n{text}")
