@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+from tuning.attention import PACKED_SDPA, attend_per_sample
 from tuning.data.args import DataArguments, merge_repeated_flags
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset, sample_to_features
@@ -67,7 +68,11 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own Python code to run."})
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (if flash-attn is installed)."}
+        default="sdpa",
+        metadata={
+            "help": "sdpa, eager or flash_attention_2 (if flash-attn is installed). With --packing, sdpa runs each "
+            "packed sample in a call of its own, without a mask (tuning/attention.py)."
+        },
     )
     fix_vit: bool = field(
         default=True, metadata={"help": "Freeze the vision tower (also under LoRA: it gets no adapters)."}
@@ -339,6 +344,8 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         )
     )
     resize_for_tokenizer(model, tokenizer)
+    if data_args.packing and attend_per_sample(model):
+        logger.info("attention: %s (one causal sdpa call per packed sample, no mask)", PACKED_SDPA)
     if training_args.use_lora:
         candidates = [t for t in ("<|im_start|>", "<|im_end|>") if t in tokenizer.get_vocab()]
         token_ids = untrained_token_ids(model, tokenizer, candidates, report.added_tokens)

@@ -9,7 +9,8 @@
 Modes, each in a fresh process (so peak memory is its own), on the same weights and samples:
   reference  every sample padded to model_max_length, as the Qwen2 finetune.py does (kept only here)
   dynamic    each batch padded to its longest sample (--packing False)
-  packed     the toolkit's default: a batch flattened into one row with per-sample positions (padding-free)
+  packed     the toolkit's default: a batch flattened into one row with per-sample positions (padding-free),
+             one sdpa call per sample (tuning/attention.py)
   trl        TRL SFTTrainer with its best packing: best-fit-decreasing packs, padding-free
 
 With --vocab real (the logits are then the memory): ours (the default chunked loss from the hidden states at the
@@ -257,6 +258,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+    from tuning.attention import attend_per_sample
     from tuning.data.collate import FlatteningCollator, PaddingCollator
     from tuning.data.dataset import build_dataset
     from tuning.data.encode import Encoder
@@ -267,6 +269,8 @@ def run_mode(mode: str, settings: dict) -> dict:
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=dtype, attn_implementation="sdpa")
     set_use_cache(model, False)
+    if mode in ("ours", "plain", "packed"):  # the toolkit's padding-free setup: per-sample sdpa, as finetune.py
+        attend_per_sample(model)
     if torch.cuda.is_available():
         model.to("cuda")
         torch.cuda.reset_peak_memory_stats()

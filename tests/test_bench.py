@@ -68,3 +68,11 @@ def test_real_model_shapes_have_the_published_parameter_counts(tiny_vl):
             )
         count = sum(p.numel() for p in model.parameters())
         assert abs(count / published - 1) < 0.01, (size, count)
+
+
+def test_attention_bench_times_both_paths_on_a_packed_row(tmp_path):
+    bench("bench/attention.py", "--tokens", "512", "--repeats", "1", "--out", str(tmp_path))
+    table = (tmp_path / "attention-cpu.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| 512 |"))
+    samples = int(row.split("|")[2])
+    assert samples > 1  # a packed row: several chats, so the two paths really differ

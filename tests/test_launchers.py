@@ -54,6 +54,7 @@ def test_each_launcher_runs_with_no_arguments(tmp_path, tiny_vl, script):
     result = launch(script, OUTPUT_DIR=str(out))  # the output folder as a variable: no arguments at all
     assert result.returncode == 0, result.stderr[-3000:]
     assert "+ " in result.stderr and "torch.distributed.run" in result.stderr  # the command is printed
+    assert "attention: sdpa_packed" in result.stderr  # packed by default: one sdpa call per sample, no mask
     assert (out / "processor_config.json").is_file() and (out / "loss.png").is_file()
     from transformers import AutoModelForImageTextToText
 
