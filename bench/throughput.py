@@ -457,7 +457,8 @@ def table(results: dict, matmul: float, settings: dict) -> str:
     ref, trl = results["reference"], results["trl"]
 
     lines = [
-        f"Model: Qwen2 {settings['parameters'] / 1e6:.1f}M parameters (random weights), sdpa (packed: a call per sample), "
+        f"Model: Qwen2 {settings['parameters'] / 1e6:.1f}M parameters (random weights), "
+        "sdpa (packed: a call per sample), "
         f"{'bf16' if settings['cuda'] else 'fp32'}; data: {settings['samples']} generated chats, "
         f"{settings['length_summary']}; model_max_length {settings['max_length']}; "
         f"{settings['batch']} samples per step (TRL: {trl['batch']} packs of up to {settings['max_length']}); "
