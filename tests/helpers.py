@@ -64,6 +64,15 @@ def encoder_for(processing, **kwargs) -> Encoder:
     return Encoder(tokenizer, processor, model_type=model_type, **kwargs)
 
 
+def seed_features(processing, files: list[str]) -> list[dict]:
+    """Every sample of the given seed example files (data/), encoded for the model of `processing`."""
+    from tests.conftest import DATA
+    from tuning.data.dataset import build_dataset
+
+    dataset, _ = build_dataset([str(DATA / f) for f in files], encoder_for(processing), show_progress=False)
+    return [dataset[i] for i in range(len(dataset))]
+
+
 def supervised_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
     """The sample as decoded runs of (text, supervised?): a golden layout that does not depend on ids."""
     runs: list[tuple[list[int], bool]] = []

@@ -9,17 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from tests.conftest import DATA
-from tests.helpers import encoder_for
+from tests.helpers import seed_features
 from tuning.attention import PACKED_SDPA, attend_per_sample, full_attention_only, sample_bounds
 from tuning.data.collate import FlatteningCollator, PaddingCollator
-from tuning.data.dataset import build_dataset
 from tuning.model import rope_index_fn, set_use_cache
-
-
-def features(processing, files):
-    dataset, _ = build_dataset([str(DATA / f) for f in files], encoder_for(processing), show_progress=False)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def loss_and_gradients(model, batch):
@@ -64,7 +57,7 @@ def test_sample_bounds_split_where_positions_restart():
 
 
 def test_packed_text_training_step_equals_the_masked_sdpa(tiny_text, text_processing):
-    batch = FlatteningCollator()(features(text_processing, ["example_chatml.jsonl", "example_pretrain.jsonl"]))
+    batch = FlatteningCollator()(seed_features(text_processing, ["example_chatml.jsonl", "example_pretrain.jsonl"]))
     assert len(sample_bounds(batch["position_ids"])) > 3
     assert_same_training_step(
         lambda: AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation="sdpa"), batch
@@ -74,7 +67,7 @@ def test_packed_text_training_step_equals_the_masked_sdpa(tiny_text, text_proces
 def test_packed_vl_training_step_equals_the_masked_sdpa(tiny_vl, vl_processing):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl, attn_implementation="sdpa")
     batch = FlatteningCollator(rope_index_fn(model))(
-        features(vl_processing, ["example.json", "example_openai.jsonl", "example_video.json"])
+        seed_features(vl_processing, ["example.json", "example_openai.jsonl", "example_video.json"])
     )
     assert_same_training_step(
         lambda: AutoModelForImageTextToText.from_pretrained(tiny_vl, attn_implementation="sdpa"), batch
@@ -84,7 +77,7 @@ def test_packed_vl_training_step_equals_the_masked_sdpa(tiny_vl, vl_processing):
 def test_a_packed_row_gets_one_unmasked_causal_call_per_sample(tiny_text, text_processing, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation="sdpa")
     set_use_cache(model, False)
-    batch = FlatteningCollator()(features(text_processing, ["example_chatml.jsonl"]))
+    batch = FlatteningCollator()(seed_features(text_processing, ["example_chatml.jsonl"]))
     samples = len(sample_bounds(batch["position_ids"])) - 1
     spy = SdpaCalls(monkeypatch)
     with torch.no_grad():
@@ -104,7 +97,7 @@ def test_padded_batches_and_generation_are_unchanged(tiny_text, text_processing,
     stock = AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation="sdpa").eval()
     packed = AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation="sdpa").eval()
     attend_per_sample(packed)
-    padded = PaddingCollator(tokenizer.pad_token_id)(features(text_processing, ["example_chatml.jsonl"]))
+    padded = PaddingCollator(tokenizer.pad_token_id)(seed_features(text_processing, ["example_chatml.jsonl"]))
     with torch.no_grad():
         assert torch.equal(stock(**padded).logits, packed(**padded).logits)
     tokenizer.padding_side = "left"

@@ -10,18 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from tests.conftest import DATA
-from tests.helpers import encoder_for, small_run_args, write_json
+from tests.helpers import encoder_for, seed_features, small_run_args, write_json
 from tuning.data.batching import TokenBudgetBatchSampler, pack
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset
 from tuning.loss import CHUNK_BYTES, MIN_CHUNK_ROWS, chunk_rows, supervised_loss
 from tuning.model import rope_index_fn, set_use_cache
-
-
-def features(processing, files):
-    dataset, _ = build_dataset([str(DATA / f) for f in files], encoder_for(processing), show_progress=False)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def loss_and_gradients(model, batch, chunked: bool):
@@ -60,7 +54,7 @@ def test_a_chunk_of_logits_is_bounded_in_bytes_not_rows():
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_chunked_loss_and_gradients_equal_the_stock_path_on_text(tiny_text, text_processing, layout):
     model = AutoModelForCausalLM.from_pretrained(tiny_text)
-    batch = features(text_processing, ["example_chatml.jsonl", "example_pretrain.jsonl"])
+    batch = seed_features(text_processing, ["example_chatml.jsonl", "example_pretrain.jsonl"])
     collate = FlatteningCollator() if layout == "packed" else PaddingCollator(text_processing[0].pad_token_id)
     assert_same(model, collate(batch))
 
@@ -68,7 +62,7 @@ def test_chunked_loss_and_gradients_equal_the_stock_path_on_text(tiny_text, text
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_chunked_loss_and_gradients_equal_the_stock_path_on_vl(tiny_vl, vl_processing, layout):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl)
-    batch = features(vl_processing, ["example.json", "example_openai.jsonl", "example_video.json"])
+    batch = seed_features(vl_processing, ["example.json", "example_openai.jsonl", "example_video.json"])
     collate = FlatteningCollator(rope_index_fn(model)) if layout == "packed" else PaddingCollator(0)
     assert_same(model, collate(batch))
 

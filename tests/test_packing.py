@@ -6,10 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from tests.conftest import DATA
-from tests.helpers import encoder_for
+from tests.helpers import encoder_for, seed_features
 from tuning.data.collate import FlatteningCollator, PaddingCollator
-from tuning.data.dataset import build_dataset
 from tuning.model import rope_index_fn, set_use_cache
 
 
@@ -21,22 +19,17 @@ def losses(model, features, pad_id, rope_index=None) -> tuple[float, float]:
         return float(model(**padded).loss), float(model(**flat).loss)
 
 
-def features(processing, files):
-    dataset, _ = build_dataset([str(DATA / f) for f in files], encoder_for(processing), show_progress=False)
-    return [dataset[i] for i in range(len(dataset))]
-
-
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_text_packed_loss_equals_padded_loss(tiny_text, text_processing, attention):
     model = AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation=attention).eval()
-    batch = features(text_processing, ["example_chatml.jsonl", "example_pretrain.jsonl"])
+    batch = seed_features(text_processing, ["example_chatml.jsonl", "example_pretrain.jsonl"])
     padded, flat = losses(model, batch, text_processing[0].pad_token_id)
     assert abs(padded - flat) < 1e-4
 
 
 def test_vl_packed_loss_equals_padded_loss_with_several_images(tiny_vl, vl_processing):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl).eval()
-    batch = features(vl_processing, ["example.json", "example_openai.jsonl"])  # 0, 1 and 2 images per sample
+    batch = seed_features(vl_processing, ["example.json", "example_openai.jsonl"])  # 0, 1 and 2 images per sample
     assert sorted(len(f["image_grid_thw"]) for f in batch if "image_grid_thw" in f) == [1, 1, 1, 2]
     padded, flat = losses(model, batch, vl_processing[0].pad_token_id, rope_index_fn(model))
     assert abs(padded - flat) < 1e-4
@@ -46,7 +39,7 @@ def test_the_equality_test_can_fail(tiny_text, text_processing):
     """Positions that do not restart let samples attend to each other: the losses then differ."""
     model = AutoModelForCausalLM.from_pretrained(tiny_text).eval()
     set_use_cache(model, False)
-    batch = features(text_processing, ["example_chatml.jsonl"])
+    batch = seed_features(text_processing, ["example_chatml.jsonl"])
     flat = FlatteningCollator()(batch)
     flat["position_ids"] = torch.arange(flat["input_ids"].shape[1]).unsqueeze(0)
     with torch.no_grad():
@@ -62,7 +55,7 @@ def test_other_vl_families_pack_exactly_too(kind):
     folder = ensure_tiny(kind)
     processing = load_processing(str(folder))
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    batch = features(processing, ["example.json", "example_openai.jsonl"])
+    batch = seed_features(processing, ["example.json", "example_openai.jsonl"])
     padded, flat = losses(model, batch, processing[0].pad_token_id, rope_index_fn(model))
     assert abs(padded - flat) < 1e-4
 
@@ -74,7 +67,7 @@ def test_the_placeholder_picture_changes_no_loss(tiny_vl, vl_processing):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl).eval()
     set_use_cache(model, False)
     text_only = [
-        f for f in features(vl_processing, ["example.json", "example_chatml.jsonl"]) if "pixel_values" not in f
+        f for f in seed_features(vl_processing, ["example.json", "example_chatml.jsonl"]) if "pixel_values" not in f
     ]
     placeholder = sample_to_features(encoder_for(vl_processing).placeholder_image_sample())
     plain = FlatteningCollator(rope_index_fn(model))(text_only)
