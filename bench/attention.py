@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 # the repository, not bench/, first: bench/profile.py would hide the standard library's profile module
 sys.path[0] = str(REPO)
 
-from bench.throughput import chat_lengths, device_name  # noqa: E402
-from tuning.attention import packed_sdpa_attention  # noqa: E402
+from bench.throughput import _sync, chat_lengths, device_name  # noqa: E402
+from tuning.attention import packed_sdpa_attention, sample_bounds  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -53,7 +53,10 @@ def pack_positions(total: int, seed: int) -> torch.Tensor:
 
 def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """The packed causal mask transformers gives sdpa: (1, 1, T, T) booleans, True where a token may look."""
-    sample = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1) != 1).cumsum(-1)[0]
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    indices = find_packed_sequence_indices(position_ids)  # None for a single sample
+    sample = torch.zeros_like(position_ids[0]) if indices is None else indices[0]
     causal = torch.ones(len(sample), len(sample), dtype=torch.bool).tril()
     return (causal & (sample[:, None] == sample[None, :]))[None, None]
 
@@ -64,8 +67,7 @@ def timed(run, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
@@ -102,10 +104,9 @@ def measure(tokens: int, repeats: int, heads: int, kv_heads: int, head_dim: int,
         ),
         repeats,
     )
-    samples = int((positions == 0).sum())
     return {
         "tokens": tokens,
-        "samples": samples,
+        "samples": len(sample_bounds(positions)) - 1,
         "masked": masked,
         "per_sample": per_sample,
         "mask_bytes": mask.numel(),
