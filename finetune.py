@@ -44,6 +44,7 @@ from tuning.model import (
     untrained_token_ids,
     vision_parts,
 )
+from tuning.tiled_mlp import tile_mlps
 from tuning.train import (
     GuardedTrainer,
     LossPlotCallback,
@@ -120,6 +121,20 @@ class TrainingArguments(transformers.TrainingArguments):
             "choices": list(LOSS_IMPLEMENTATIONS),
         },
     )
+    tiled_mlp: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each MLP a tile of tokens at a time in training: its wide intermediate activations never "
+            "exist for the whole packed row (exact; one more MLP forward in the backward). Not under ZeRO-3."
+        },
+    )
+    mlp_tile_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per MLP tile. Default: as many tiles as the MLP widens its input (6 for Qwen2.5), "
+            "so no tile's intermediate outgrows the MLP's input; at least 256 tokens a tile."
+        },
+    )
     on_nonfinite: str = field(
         default="stop",
         metadata={
@@ -176,6 +191,8 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
         problems.append("--on_nonfinite skip does not work with --deepspeed (its gradients live in the engine)")
     if lora_args.lora_r <= 0:
         problems.append(f"--lora_r must be positive, got {lora_args.lora_r}")
+    if training_args.mlp_tile_tokens is not None and training_args.mlp_tile_tokens <= 0:
+        problems.append(f"--mlp_tile_tokens must be positive, got {training_args.mlp_tile_tokens}")
     return problems
 
 
@@ -301,6 +318,19 @@ def is_zero3(training_args) -> bool:
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
+def tile_mlps_unless_zero3(model, training_args, zero3: bool) -> None:
+    """ZeRO-3 gathers an MLP's weights only inside its own hooks, and tiling hands them to an autograd Function
+    directly (measured: the ranks deadlock). DDP, ZeRO-2 and FSDP train the same with it (tested)."""
+    if not training_args.tiled_mlp:
+        return
+    if zero3:
+        logger.info("mlp: not tiled under ZeRO-3")
+        return
+    count = tile_mlps(model, training_args.mlp_tile_tokens)
+    tile = training_args.mlp_tile_tokens or "intermediate/hidden of the row's"
+    logger.info("mlp: %d MLPs run a tile of %s tokens at a time in training (tuning/tiled_mlp.py)", count, tile)
+
+
 def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTrainer:
     argv = sys.argv[1:] if argv is None else argv
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
@@ -373,6 +403,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
     else:
         set_trainable(model, model_args.fix_vit, model_args.tune_projector)
     logger.info("parameters: %s", count_parameters(model))
+    tile_mlps_unless_zero3(model, training_args, zero3)
     if training_args.ddp_find_unused_parameters is None and is_vision_language(model.config):
         # Text-only batches leave the vision tower out of the graph: DDP must not wait for its gradients.
         training_args.ddp_find_unused_parameters = True

@@ -36,16 +36,23 @@ def assert_loadable(out, tiny_text, lora: bool) -> None:
 
 
 LORA = ["--use_lora", "True", "--lora_r", "4"]
+TILED = ["--mlp_tile_tokens", "8"]  # the tiny model's samples are shorter than its default tile
 ENGINES = [
-    ("ddp-lora", LORA),
-    ("zero2-lora", [*LORA, "--deepspeed", "ds_config_zero2.json"]),
+    ("ddp-lora", [*LORA, *TILED]),
+    ("zero2-lora", [*LORA, *TILED, "--deepspeed", "ds_config_zero2.json"]),
     ("zero3-full", ["--deepspeed", "ds_config_zero3.json"]),
     ("zero3-lora", [*LORA, "--deepspeed", "ds_config_zero3.json"]),
     # the Qwen scripts call this combination impossible: bnb_4bit_quant_storage in the model's dtype makes it work
     ("zero3-qlora", [*LORA, "--q_lora", "True", "--deepspeed", "ds_config_zero3.json"]),
     (
         "fsdp-full",
-        ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}'],
+        [
+            *TILED,
+            "--fsdp",
+            "full_shard auto_wrap",
+            "--fsdp_config",
+            '{"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}',
+        ],
     ),
 ]
 
@@ -64,8 +71,20 @@ PARITY = [("ddp", EXACT_LORA), ("zero2", [*EXACT_LORA, "--deepspeed", "ds_config
 
 @pytest.mark.parametrize(("name", "flags"), PARITY, ids=[p[0] for p in PARITY])
 def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_text, name, flags):
-    two = losses(torchrun(2, tmp_path / "two", tiny_text, "--max_steps", "4", *flags))
+    """The two ranks also tile their MLPs and the one process does not: the engine sees the tiles' gradients."""
+    two = losses(torchrun(2, tmp_path / "two", tiny_text, "--max_steps", "4", *TILED, *flags))
     one = losses(
-        torchrun(1, tmp_path / "one", tiny_text, "--max_steps", "4", "--gradient_accumulation_steps", "2", *flags)
+        torchrun(
+            1,
+            tmp_path / "one",
+            tiny_text,
+            "--max_steps",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--tiled_mlp",
+            "False",
+            *flags,
+        )
     )
     assert two == pytest.approx(one, abs=1e-4)

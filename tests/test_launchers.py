@@ -55,6 +55,8 @@ def test_each_launcher_runs_with_no_arguments(tmp_path, tiny_vl, script):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "+ " in result.stderr and "torch.distributed.run" in result.stderr  # the command is printed
     assert "attention: sdpa_packed" in result.stderr  # packed by default: one sdpa call per sample, no mask
+    tiled = "MLPs run a tile of" in result.stderr  # the decoder's and the vision tower's MLPs
+    assert tiled != (script == "finetune_ds.sh"), "tiled MLPs everywhere but under ZeRO-3 (finetune_ds.sh)"
     assert (out / "processor_config.json").is_file() and (out / "loss.png").is_file()
     from transformers import AutoModelForImageTextToText
 
