@@ -121,11 +121,12 @@ class TrainingArguments(transformers.TrainingArguments):
             "choices": list(LOSS_IMPLEMENTATIONS),
         },
     )
-    tiled_mlp: bool = field(
-        default=True,
+    tiled_mlp: bool | None = field(
+        default=None,
         metadata={
             "help": "Run each MLP a tile of tokens at a time in training: its wide intermediate activations never "
-            "exist for the whole packed row (exact; one more MLP forward in the backward). Not under ZeRO-3."
+            "exist for the whole packed row (exact; the MLP's forward runs once more in the backward). Default: "
+            "with --gradient_checkpointing, which already trades that compute for memory. Not under ZeRO-3."
         },
     )
     mlp_tile_tokens: int | None = field(
@@ -321,7 +322,10 @@ def is_zero3(training_args) -> bool:
 def tile_mlps_unless_zero3(model, training_args, zero3: bool) -> None:
     """ZeRO-3 gathers an MLP's weights only inside its own hooks, and tiling hands them to an autograd Function
     directly (measured: the ranks deadlock). DDP, ZeRO-2 and FSDP train the same with it (tested)."""
-    if not training_args.tiled_mlp:
+    wanted = training_args.tiled_mlp
+    if wanted is None:
+        wanted = training_args.gradient_checkpointing
+    if not wanted:
         return
     if zero3:
         logger.info("mlp: not tiled under ZeRO-3")

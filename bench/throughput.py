@@ -10,7 +10,7 @@ Modes, each in a fresh process (so peak memory is its own), on the same weights 
   reference  every sample padded to model_max_length, as the Qwen2 finetune.py does (kept only here)
   dynamic    each batch padded to its longest sample (--packing False)
   packed     the toolkit's default: a batch flattened into one row with per-sample positions (padding-free),
-             one sdpa call per sample (tuning/attention.py), the MLPs a tile of tokens at a time (tiled_mlp.py)
+             one sdpa call per sample (tuning/attention.py)
   trl        TRL SFTTrainer with its best packing: best-fit-decreasing packs, padding-free
 
 With --vocab real (the logits are then the memory): ours (the default chunked loss from the hidden states at the
@@ -270,9 +270,10 @@ def run_mode(mode: str, settings: dict) -> dict:
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=dtype, attn_implementation="sdpa")
     set_use_cache(model, False)
-    if mode in ("ours", "plain", "packed"):  # the toolkit's setup, as finetune.py: per-sample sdpa, tiled MLPs
-        attend_per_sample(model)
-        tile_mlps(model)
+    if mode in ("ours", "plain", "packed"):  # the toolkit's setup, as finetune.py: per-sample sdpa, and with
+        attend_per_sample(model)  # gradient checkpointing tiled MLPs
+        if settings.get("checkpointing"):
+            tile_mlps(model)
     if torch.cuda.is_available():
         model.to("cuda")
         torch.cuda.reset_peak_memory_stats()

@@ -36,7 +36,7 @@ def assert_loadable(out, tiny_text, lora: bool) -> None:
 
 
 LORA = ["--use_lora", "True", "--lora_r", "4"]
-TILED = ["--mlp_tile_tokens", "8"]  # the tiny model's samples are shorter than its default tile
+TILED = ["--tiled_mlp", "True", "--mlp_tile_tokens", "8"]  # the tiny samples are shorter than the default tile
 ENGINES = [
     ("ddp-lora", [*LORA, *TILED]),
     ("zero2-lora", [*LORA, *TILED, "--deepspeed", "ds_config_zero2.json"]),

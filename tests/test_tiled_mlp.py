@@ -152,3 +152,32 @@ def test_weights_that_are_not_parameters_keep_the_untiled_path(tiny_text, text_b
     model.train()
     model(**text_batch).loss.backward()
     assert view.grad is not None and view.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("tiled_mlp", "checkpointing", "zero3", "expected"),
+    [(None, True, False, True), (None, False, False, False), (True, False, False, True), (None, True, True, False)],
+)
+def test_finetune_tiles_with_checkpointing_unless_told_and_never_under_zero3(
+    tiny_text, tiled_mlp, checkpointing, zero3, expected
+):
+    from types import SimpleNamespace
+
+    from finetune import tile_mlps_unless_zero3
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_text)
+    args = SimpleNamespace(tiled_mlp=tiled_mlp, gradient_checkpointing=checkpointing, mlp_tile_tokens=None)
+    tile_mlps_unless_zero3(model, args, zero3)
+    assert hasattr(model.model.layers[0].mlp, "_untiled_forward") == expected
+
+
+def test_default_tiles_keep_each_intermediate_within_the_input_size():
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    from tuning.tiled_mlp import MIN_TILE_TOKENS, default_tile_tokens
+
+    mlp = Qwen2MLP(Qwen2Config(hidden_size=896, intermediate_size=4864))  # Qwen2.5-0.5B's MLP
+    tile = default_tile_tokens(mlp, 2048)
+    assert tile * 4864 <= 2048 * 896 and tile == 342  # 6 tiles
+    assert default_tile_tokens(mlp, 600) == MIN_TILE_TOKENS

@@ -110,6 +110,10 @@ def test_qlora_nf4_trains_the_adapters(tmp_path, tiny_text):
         "True",
         "--lora_r",
         "4",
+        "--tiled_mlp",  # the 4-bit MLPs in tiles too
+        "True",
+        "--mlp_tile_tokens",
+        "16",
         data=DATA / "example_chatml.jsonl",
     )
     lora = {n for n in watch.trainable if "lora_" in n}
@@ -133,12 +137,15 @@ def test_bad_argument_combinations_are_all_reported_before_loading(tmp_path):
                 "True",
                 "--lora_r",
                 "0",
+                "--mlp_tile_tokens",
+                "0",
             ]
         )
     message = str(caught.value)
     assert "--q_lora True needs --use_lora True" in message
     assert "--bf16 and --fp16 are both set" in message
     assert "--lora_r must be positive" in message
+    assert "--mlp_tile_tokens must be positive" in message
 
 
 def test_existing_checkpoints_are_never_overwritten_silently(tmp_path, tiny_text):

@@ -8,9 +8,10 @@ longer holds the logits (tuning/loss.py). Every token goes through the MLP on it
 tiles: the forward runs tile by tile without keeping a graph and saves only its input; the backward computes each
 tile's forward again and its gradients, and sums the weight gradients over the tiles. The MLP's forward runs once
 more than without tiling (with gradient checkpointing: three times instead of two); the result is the same up to
-the order of the floating-point sums. The idea is ALST's TiledMLP (Arctic Long Sequence Training); DeepSpeed's
-version gives the weights their gradients by a backward inside the backward, which DDP's hooks count twice, so
-this one returns them as the autograd Function's outputs, which every engine sees once.
+the order of the floating-point sums. The idea is ALST's TiledMLP (Arctic Long Sequence Training). DeepSpeed's
+version accumulates the weight gradients by one backward per tile inside the backward, which it has to hide from
+ZeRO's hooks (and notes that DDP and FSDP would need the same); this one returns the summed gradients as the
+autograd Function's outputs, so every engine sees each weight's gradient once.
 """
 
 from __future__ import annotations
