@@ -73,6 +73,32 @@ def seed_features(processing, files: list[str]) -> list[dict]:
     return [dataset[i] for i in range(len(dataset))]
 
 
+def loss_and_gradients(model, batch: dict) -> tuple[float, dict]:
+    """One forward and backward: the loss and a copy of every parameter's gradient."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_step(reference, changed, batch: dict) -> None:
+    """`changed` gives `reference`'s loss and the gradient of every parameter (fp32: 1e-5), both in training
+    mode without a cache."""
+    import torch
+
+    from tuning.model import set_use_cache
+
+    for model in (reference, changed):
+        set_use_cache(model, False)
+        model.train()
+    loss, grads = loss_and_gradients(reference, batch)
+    changed_loss, changed_grads = loss_and_gradients(changed, batch)
+    assert abs(loss - changed_loss) < 1e-5
+    assert grads.keys() == changed_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, changed_grads[name], atol=1e-5, rtol=1e-4), name
+
+
 def supervised_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
     """The sample as decoded runs of (text, supervised?): a golden layout that does not depend on ids."""
     runs: list[tuple[list[int], bool]] = []

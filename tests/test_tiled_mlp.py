@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from tests.helpers import seed_features
+from tests.helpers import assert_same_training_step, loss_and_gradients, seed_features
 from tuning.data.collate import FlatteningCollator
 from tuning.model import LoraOptions, attach_lora, rope_index_fn, set_use_cache
 from tuning.tiled_mlp import is_gated_mlp, tile_mlps
@@ -15,25 +15,10 @@ from tuning.tiled_mlp import is_gated_mlp, tile_mlps
 TILE = 16
 
 
-def loss_and_gradients(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same_step(load, batch, tile=TILE):
-    stock, tiled = load(), load()
-    assert tile_mlps(tiled, tile) > 0
-    for model in (stock, tiled):
-        set_use_cache(model, False)
-        model.train()
-    loss, grads = loss_and_gradients(stock, batch)
-    tiled_loss, tiled_grads = loss_and_gradients(tiled, batch)
-    assert abs(loss - tiled_loss) < 1e-5
-    assert grads.keys() == tiled_grads.keys() and grads
-    for name, grad in grads.items():
-        assert torch.allclose(grad, tiled_grads[name], atol=1e-5, rtol=1e-4), name
+def assert_tiles_match_the_whole_row(load, batch):
+    tiled = load()
+    assert tile_mlps(tiled, TILE) > 0
+    assert_same_training_step(load(), tiled, batch)
 
 
 @pytest.fixture
@@ -56,11 +41,11 @@ def text_model(tiny_text, checkpointing=False, lora_dropout=None):
 
 def test_full_fine_tuning_step_equals_the_untiled_mlp(tiny_text, text_batch):
     assert text_batch["input_ids"].shape[1] > 8 * TILE
-    assert_same_step(text_model(tiny_text), text_batch)
+    assert_tiles_match_the_whole_row(text_model(tiny_text), text_batch)
 
 
 def test_lora_step_with_gradient_checkpointing_equals_the_untiled_mlp(tiny_text, text_batch):
-    assert_same_step(text_model(tiny_text, checkpointing=True, lora_dropout=0.0), text_batch)
+    assert_tiles_match_the_whole_row(text_model(tiny_text, checkpointing=True, lora_dropout=0.0), text_batch)
 
 
 def test_vl_step_equals_the_untiled_mlp_in_the_decoder_and_the_vision_tower(tiny_vl, vl_processing):
@@ -70,7 +55,7 @@ def test_vl_step_equals_the_untiled_mlp_in_the_decoder_and_the_vision_tower(tiny
     )
     vision_mlps = [m for m in model.model.visual.modules() if is_gated_mlp(m)]
     assert vision_mlps and batch["pixel_values"].shape[0] > TILE  # the tower's MLPs are tiled too
-    assert_same_step(lambda: AutoModelForImageTextToText.from_pretrained(tiny_vl), batch)
+    assert_tiles_match_the_whole_row(lambda: AutoModelForImageTextToText.from_pretrained(tiny_vl), batch)
 
 
 def test_lora_dropout_gets_the_gradient_of_the_masks_it_drew(tiny_text, text_batch):
