@@ -97,10 +97,12 @@ def _weights_outside_parameters(module: nn.Module) -> bool:
 
 def _tiled_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     stock = self._untiled_forward
+    if not torch.is_grad_enabled():  # generation and evaluation: nothing to save, no parameters to look at
+        return stock(x)
     params = [p for p in self.parameters() if p.requires_grad]
     tokens = x.numel() // x.shape[-1]
     tile = self._tile_tokens or default_tile_tokens(self, tokens)
-    if not torch.is_grad_enabled() or tokens <= tile or not (params or x.requires_grad):
+    if tokens <= tile or not (params or x.requires_grad):
         return stock(x)
     if _weights_outside_parameters(self):
         return stock(x)
