@@ -44,7 +44,6 @@ from tuning.model import (
     untrained_token_ids,
     vision_parts,
 )
-from tuning.tiled_mlp import tile_mlps
 from tuning.train import (
     GuardedTrainer,
     LossPlotCallback,
@@ -52,6 +51,7 @@ from tuning.train import (
     SampleGenerationCallback,
     StopOnSignal,
     ThroughputCallback,
+    TileMLPs,
     resolve_resume,
     resume_command,
     save_final,
@@ -192,6 +192,8 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
         problems.append("--on_nonfinite skip does not work with --deepspeed (its gradients live in the engine)")
     if lora_args.lora_r <= 0:
         problems.append(f"--lora_r must be positive, got {lora_args.lora_r}")
+    if training_args.use_liger_kernel and not torch.cuda.is_available():
+        problems.append("--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
     if training_args.mlp_tile_tokens is not None and training_args.mlp_tile_tokens <= 0:
         problems.append(f"--mlp_tile_tokens must be positive, got {training_args.mlp_tile_tokens}")
     return problems
@@ -319,20 +321,18 @@ def is_zero3(training_args) -> bool:
     return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
-def tile_mlps_unless_zero3(model, training_args, zero3: bool) -> None:
+def mlp_tiling(training_args, zero3: bool) -> list[TileMLPs]:
     """ZeRO-3 gathers an MLP's weights only inside its own hooks, and tiling hands them to an autograd Function
     directly (measured: the ranks deadlock). DDP, ZeRO-2 and FSDP train the same with it (tested)."""
     wanted = training_args.tiled_mlp
     if wanted is None:
         wanted = training_args.gradient_checkpointing
     if not wanted:
-        return
+        return []
     if zero3:
         logger.info("mlp: not tiled under ZeRO-3")
-        return
-    count = tile_mlps(model, training_args.mlp_tile_tokens)
-    tile = training_args.mlp_tile_tokens or "intermediate/hidden of the row's"
-    logger.info("mlp: %d MLPs run a tile of %s tokens at a time in training (tuning/tiled_mlp.py)", count, tile)
+        return []
+    return [TileMLPs(training_args.mlp_tile_tokens)]
 
 
 def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTrainer:
@@ -407,7 +407,6 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
     else:
         set_trainable(model, model_args.fix_vit, model_args.tune_projector)
     logger.info("parameters: %s", count_parameters(model))
-    tile_mlps_unless_zero3(model, training_args, zero3)
     if training_args.ddp_find_unused_parameters is None and is_vision_language(model.config):
         # Text-only batches leave the vision tower out of the graph: DDP must not wait for its gradients.
         training_args.ddp_find_unused_parameters = True
@@ -429,7 +428,12 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator_for(model, tokenizer, encoder, data_args.packing, training_args.world_size),
-        callbacks=[*standard_callbacks(training_args, resume, tokenizer, processor), stop_on_signal, *callbacks],
+        callbacks=[
+            *standard_callbacks(training_args, resume, tokenizer, processor),
+            *mlp_tiling(training_args, zero3),
+            stop_on_signal,
+            *callbacks,
+        ],
         on_nonfinite=training_args.on_nonfinite,
         lr_by_prefix=learning_rates_by_part(model, training_args),
         loss_impl="plain" if training_args.use_liger_kernel else training_args.loss_impl,

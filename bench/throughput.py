@@ -16,7 +16,9 @@ Modes, each in a fresh process (so peak memory is its own), on the same weights 
 With --vocab real (the logits are then the memory): ours (the default chunked loss from the hidden states at the
 supervised positions, batches of --max_tokens_per_batch), ours with --loss_impl plain, and TRL SFTTrainer at its
 best memory setting (padding-free bfd packs of the same tokens per step; its loss is already chunked), peak memory
-and real tokens/s with the ratios to TRL, in bench/results/throughput-real-<lora|full>-<device>.md.
+and real tokens/s with the ratios to TRL, in bench/results/throughput-real-<lora|full>-<device>.md. On a GPU with
+liger-kernel installed, also ours and TRL with Liger's kernels (fused linear cross-entropy, SwiGLU, RMSNorm); the
+ratios are then to whichever TRL mode peaks lower.
 
 Printed and written to bench/results/throughput-<device>.md and .png: real (non-padding) tokens per second,
 the padding fraction, peak memory (RSS on CPU, allocated on GPU), achieved FLOP/s as a fraction of a plain
@@ -46,6 +48,15 @@ if __name__ == "__main__":  # the repository, not bench/: bench/profile.py would
 
 MODES = ("reference", "dynamic", "packed", "trl")
 REAL_MODES = ("ours", "plain", "trl")  # --vocab real
+LIGER_MODES = ("liger", "trl-liger")  # --vocab real on a GPU, with liger-kernel installed: Liger's fused loss
+TOOLKIT_MODES = ("ours", "plain", "liger", "packed")  # finetune.py's setup: per-sample sdpa, tiled MLPs
+REAL_NAMES = {
+    "ours": "ours (default: chunked loss)",
+    "plain": "ours, --loss_impl plain",
+    "liger": "ours, --use_liger_kernel True",
+    "trl": "TRL SFTTrainer",
+    "trl-liger": "TRL SFTTrainer, use_liger_kernel",
+}
 RESULTS = REPO / "bench" / "results"
 MODEL_SIZES = {
     "full": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536},
@@ -123,20 +134,25 @@ class FedTokens:
 
 
 class TrainingMemory:
-    """The process's resident memory sampled every 5 ms while it trains: the peak above what it held when training
-    began (the libraries and the loaded weights, which every mode holds alike)."""
+    """The process's resident memory sampled every 5 ms while it trains (on a GPU: its allocated memory): the peak
+    above what it held when training began (the libraries and the loaded weights, which every mode holds alike)."""
 
     def __init__(self):
         import threading
 
         import psutil
+        import torch
 
         self.process, self.start, self.peak, self.running = psutil.Process(), 0, 0, False
         self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.cuda = torch.cuda.is_available()
 
     def begin(self, model):
         import torch
 
+        if self.cuda:
+            self.start = torch.cuda.memory_allocated()
+            return
         with torch.no_grad():  # the weights are mapped from their file: read them, so that the start holds them
             for parameter in model.parameters():
                 parameter.sum()
@@ -150,6 +166,10 @@ class TrainingMemory:
             time.sleep(0.005)
 
     def end(self) -> int:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated() - self.start
         self.running = False
         self.thread.join()
         return self.peak - self.start
@@ -263,17 +283,14 @@ def run_mode(mode: str, settings: dict) -> dict:
     from tuning.data.dataset import build_dataset
     from tuning.data.encode import Encoder
     from tuning.model import load_processing, set_use_cache
-    from tuning.tiled_mlp import tile_mlps
-    from tuning.train import GuardedTrainer
+    from tuning.train import GuardedTrainer, TileMLPs
 
     tokenizer, _, _ = load_processing(settings["model"])
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=dtype, attn_implementation="sdpa")
     set_use_cache(model, False)
-    if mode in ("ours", "plain", "packed"):  # the toolkit's setup, as finetune.py: per-sample sdpa, and with
-        attend_per_sample(model)  # gradient checkpointing tiled MLPs
-        if settings.get("checkpointing"):
-            tile_mlps(model)
+    if mode in TOOLKIT_MODES:
+        attend_per_sample(model)
     if torch.cuda.is_available():
         model.to("cuda")
         torch.cuda.reset_peak_memory_stats()
@@ -281,7 +298,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     batch = settings["batch"]
 
     real = settings.get("vocab") == "real"
-    if mode == "trl":
+    if mode.startswith("trl"):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
@@ -297,6 +314,7 @@ def run_mode(mode: str, settings: dict) -> dict:
             packing_strategy="bfd",
             padding_free=True,
             dataset_num_proc=1,
+            use_liger_kernel=mode == "trl-liger",
         )
         trainer = SFTTrainer(
             model=lora(model, settings),
@@ -308,12 +326,15 @@ def run_mode(mode: str, settings: dict) -> dict:
         encoder = Encoder(tokenizer, None, model_type="qwen2", max_length=settings["max_length"])
         dataset, _ = build_dataset([settings["data"]], encoder, show_progress=False)
         model = lora(model, settings)
+        arguments = TrainingArguments(
+            **common_arguments(settings, out, 1), remove_unused_columns=False, use_liger_kernel=mode == "liger"
+        )
         trainer = GuardedTrainer(
             model=model,
-            args=TrainingArguments(**common_arguments(settings, out, 1), remove_unused_columns=False),
+            args=arguments,
             train_dataset=dataset,
             data_collator=FlatteningCollator(),
-            loss_impl="chunked" if mode == "ours" else "plain",
+            loss_impl="chunked" if mode == "ours" else "plain",  # as finetune.py: Liger's loss replaces ours
             max_tokens_per_batch=settings["tokens_per_step"],
         )
     else:
@@ -333,6 +354,8 @@ def run_mode(mode: str, settings: dict) -> dict:
             train_dataset=dataset,
             data_collator=inner,
         )
+    if mode in TOOLKIT_MODES and settings.get("checkpointing"):  # as finetune.py: tiles with checkpointing
+        trainer.add_callback(TileMLPs(None))
     counter = FedTokens(model)
     if settings.get("profile"):  # a process of its own: the profiler's records would count in the peak RSS
         allocated = allocated_callback(counter)
@@ -418,9 +441,18 @@ def rate(result: dict) -> float:
     return result["real_tokens"] / result["seconds"]
 
 
+def real_modes(cuda: bool) -> tuple[str, ...]:
+    """The --vocab real modes: Liger's too on a GPU where liger-kernel is installed (its kernels need one)."""
+    import importlib.util
+
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    return REAL_MODES + (LIGER_MODES if liger else ())
+
+
 def real_table(results: dict, settings: dict) -> str:
-    """--vocab real: the toolkit (chunked loss, and the stock loss) against TRL at its best memory setting."""
-    trl = results["trl"]
+    """--vocab real: the toolkit (chunked loss, the stock loss, Liger's) against TRL at its best memory setting."""
+    best_trl = min((m for m in results if m.startswith("trl")), key=lambda m: results[m]["peak_memory_bytes"])
+    trl = results[best_trl]
 
     lines = [
         f"Model: Qwen2.5-0.5B shapes with 2 layers ({settings['parameters'] / 1e6:.0f}M parameters, random weights), "
@@ -428,9 +460,16 @@ def real_table(results: dict, settings: dict) -> str:
         f"{settings['samples']} generated chats, {settings['length_summary']}; gradient checkpointing "
         f"{'on' if settings['checkpointing'] else 'off'}; {settings['tokens_per_step']} tokens "
         f"per step (ours: --max_tokens_per_batch; TRL: one padding-free bfd pack); {settings['steps']} timed steps "
-        f"after {settings['warmup']} warm-up. Device: {settings['device']}. Peak memory: the process's peak RSS, "
-        "libraries and weights included; memory taken by training: the peak RSS while training above the RSS when "
-        "it began, with the libraries loaded and the weights read"
+        f"after {settings['warmup']} warm-up. Device: {settings['device']}. "
+        + (
+            "Peak memory: the GPU memory allocated at the peak, weights included; memory taken by training: that "
+            "peak above the allocated memory when training began"
+            if settings["cuda"]
+            else "Peak memory: the process's peak RSS, libraries and weights included; memory taken by training: "
+            "the peak RSS while training above the RSS when it began, with the libraries loaded and the weights read"
+        )
+        + f"; ratios to {REAL_NAMES[best_trl]}, TRL's lower peak"
+        + ("" if settings["cuda"] else "; Liger's kernels run only on a GPU: not measured here")
         + (
             "."
             if settings["cuda"]
@@ -444,12 +483,11 @@ def real_table(results: dict, settings: dict) -> str:
         "| peak vs TRL | training memory vs TRL | tensor memory vs TRL |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    names = {"ours": "ours (default: chunked loss)", "plain": "ours, --loss_impl plain", "trl": "TRL SFTTrainer"}
-    for mode in REAL_MODES:
+    for mode in results:
         r = results[mode]
         peak, training, tensors = r["peak_memory_bytes"], r["training_memory_bytes"], r["tensor_peak_bytes"]
         lines.append(
-            f"| {names[mode]} | {rate(r):,.0f} | {peak / 2**20:,.0f} MiB | {training / 2**20:,.0f} MiB "
+            f"| {REAL_NAMES[mode]} | {rate(r):,.0f} | {peak / 2**20:,.0f} MiB | {training / 2**20:,.0f} MiB "
             f"| {tensors / 2**20:,.0f} MiB | {rate(r) / rate(trl):.2f}x | {peak / trl['peak_memory_bytes']:.2f}x "
             f"| {training / trl['training_memory_bytes']:.2f}x | {tensors / trl['tensor_peak_bytes']:.2f}x |"
         )
@@ -591,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         default="true",
         help="with --vocab real: on is the default of both toolkits (and TRL's lowest-memory setting)",
     )
-    parser.add_argument("--child", choices=sorted({*MODES, *REAL_MODES}), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=sorted({*MODES, *REAL_MODES, *LIGER_MODES}), help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -607,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = prepare(args)
     matmul = matmul_flops_per_second()
     results = {}
-    modes = REAL_MODES if args.vocab == "real" else MODES
+    modes = real_modes(settings["cuda"]) if args.vocab == "real" else MODES
     for mode in modes:
         results[mode] = run_in_child(mode, settings)
         if args.vocab == "real" and not settings["cuda"]:  # the tensor memory of one step, profiled apart

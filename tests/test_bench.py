@@ -76,3 +76,27 @@ def test_attention_bench_times_both_paths_on_a_packed_row(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| 512 |"))
     samples = int(row.split("|")[2])
     assert samples > 1  # a packed row: several chats, so the two paths really differ
+
+
+def test_liger_modes_join_on_a_gpu_and_the_lower_trl_peak_is_the_reference():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_throughput", REPO / "bench" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.real_modes(cuda=False) == ("ours", "plain", "trl")  # Liger's Triton kernels need a GPU
+    assert module.real_modes(cuda=True) == ("ours", "plain", "trl", "liger", "trl-liger")  # liger-kernel installed
+
+    def result(peak_mib, tokens):
+        mib = 2**20
+        return {"real_tokens": tokens, "seconds": 1.0, "peak_memory_bytes": peak_mib * mib}
+
+    results = {"ours": result(10, 300), "trl": result(40, 100), "trl-liger": result(20, 150)}
+    for r in results.values():
+        r["training_memory_bytes"] = r["tensor_peak_bytes"] = r["peak_memory_bytes"]
+    settings = {"parameters": 1e8, "tuning": "lora", "cuda": True, "samples": 8, "length_summary": "-"}
+    settings |= {"checkpointing": True, "tokens_per_step": 512, "steps": 1, "warmup": 1, "device": "GPU"}
+    table = module.real_table(results, settings)
+    assert "ratios to TRL SFTTrainer, use_liger_kernel" in table
+    ours = next(line for line in table.splitlines() if line.startswith("| ours"))
+    assert "| 2.00x | 0.50x |" in ours  # against Liger's TRL run, which peaks lower: 300/150 tokens/s, 10/20 MiB

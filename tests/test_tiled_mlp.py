@@ -148,11 +148,12 @@ def test_finetune_tiles_with_checkpointing_unless_told_and_never_under_zero3(
 ):
     from types import SimpleNamespace
 
-    from finetune import tile_mlps_unless_zero3
+    from finetune import mlp_tiling
 
     model = AutoModelForCausalLM.from_pretrained(tiny_text)
     args = SimpleNamespace(tiled_mlp=tiled_mlp, gradient_checkpointing=checkpointing, mlp_tile_tokens=None)
-    tile_mlps_unless_zero3(model, args, zero3)
+    for callback in mlp_tiling(args, zero3):  # as the Trainer calls it
+        callback.on_train_begin(args, None, None, model=model)
     assert hasattr(model.model.layers[0].mlp, "_untiled_forward") == expected
 
 
@@ -166,3 +167,51 @@ def test_default_tiles_keep_each_intermediate_within_the_input_size():
     tile = default_tile_tokens(mlp, 2048)
     assert tile * 4864 <= 2048 * 896 and tile == 342  # 6 tiles
     assert default_tile_tokens(mlp, 600) == MIN_TILE_TOKENS
+
+
+def test_liger_swiglu_bound_after_tiling_runs_inside_the_tiles(tiny_text):
+    """--use_liger_kernel: the Trainer binds Liger's SwiGLU as each MLP's forward (on a GPU it runs there only);
+    tiling again wraps that kernel instead of keeping a tiled forward that is no longer called."""
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from transformers.integrations.liger import apply_liger_kernel
+
+    from tuning.tiled_mlp import _tiled_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_text)
+    tile_mlps(model, TILE)
+    apply_liger_kernel(model, None)  # the Trainer's own call
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all(mlp.forward.__func__ is LigerSwiGLUMLP.forward for mlp in mlps)  # the tiles are gone
+    assert tile_mlps(model, TILE) == len(mlps)
+    assert all(mlp.forward.__func__ is _tiled_forward for mlp in mlps)
+    assert all(mlp._untiled_forward.__func__ is LigerSwiGLUMLP.forward for mlp in mlps)
+
+
+@pytest.mark.slow
+def test_finetune_tiles_the_kernel_the_trainer_binds(tmp_path, tiny_text, monkeypatch):
+    """finetune.py tiles after the Trainer has applied --use_liger_kernel. Liger runs only on a GPU, so a
+    stand-in binds a forward the way Liger does and counts the rows each call gets."""
+    import transformers.trainer
+
+    import finetune
+    from tests.conftest import DATA
+
+    rows = []
+
+    def counted_swiglu(self, x):
+        rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def bind_like_liger(model, config):
+        for module in model.modules():
+            if is_gated_mlp(module):
+                module.__dict__["forward"] = counted_swiglu.__get__(module, type(module))
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", bind_like_liger)
+    checks = finetune.argument_problems
+    monkeypatch.setattr(finetune, "argument_problems", lambda *a: [p for p in checks(*a) if "liger" not in p])
+    argv = ["--model_name_or_path", str(tiny_text), "--data_path", str(DATA / "example_chatml.jsonl")]
+    argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--save_strategy", "no"]
+    argv += ["--use_lora", "True", "--gradient_checkpointing", "True", "--use_liger_kernel", "True"]
+    finetune.train([*argv, "--mlp_tile_tokens", str(TILE), "--per_device_train_batch_size", "4"])
+    assert rows and max(rows) == TILE  # the bound kernel ran, a tile at a time

@@ -139,6 +139,8 @@ def test_bad_argument_combinations_are_all_reported_before_loading(tmp_path):
                 "0",
                 "--mlp_tile_tokens",
                 "0",
+                "--use_liger_kernel",
+                "True",
             ]
         )
     message = str(caught.value)
@@ -146,6 +148,8 @@ def test_bad_argument_combinations_are_all_reported_before_loading(tmp_path):
     assert "--bf16 and --fp16 are both set" in message
     assert "--lora_r must be positive" in message
     assert "--mlp_tile_tokens must be positive" in message
+    if not torch.cuda.is_available():
+        assert "--use_liger_kernel True needs a CUDA GPU" in message
 
 
 def test_existing_checkpoints_are_never_overwritten_silently(tmp_path, tiny_text):

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from tuning.data.encode import IGNORE_INDEX
 from tuning.loss import output_head, supervised_loss
+from tuning.tiled_mlp import tile_mlps
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +388,21 @@ class GuardedTrainer(Trainer):
             if isinstance(value := getattr(optimizer, name, None), (int, float)):
                 return float(value)
         return None
+
+
+class TileMLPs(TrainerCallback):
+    """Runs the MLPs a tile of tokens at a time (tuning/tiled_mlp.py) from the start of training. Not earlier:
+    Trainer.train applies --use_liger_kernel first, binding Liger's SwiGLU as each MLP's forward, which the tiles
+    then run; tiled before, the MLPs would run Liger's kernel on the whole row."""
+
+    def __init__(self, tile_tokens: int | None):
+        self.tile_tokens = tile_tokens
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        count = tile_mlps(model, self.tile_tokens)
+        tile = self.tile_tokens or "intermediate/hidden of the row's"
+        if count:
+            logger.info("mlp: %d MLPs run a tile of %s tokens at a time in training (tuning/tiled_mlp.py)", count, tile)
 
 
 class ThroughputCallback(TrainerCallback):
