@@ -169,14 +169,18 @@ def test_default_tiles_keep_each_intermediate_within_the_input_size():
     assert default_tile_tokens(mlp, 600) == MIN_TILE_TOKENS
 
 
-def test_liger_swiglu_bound_after_tiling_runs_inside_the_tiles(tiny_text):
+def test_liger_swiglu_bound_after_tiling_runs_inside_the_tiles(tiny_text, monkeypatch):
     """--use_liger_kernel: the Trainer binds Liger's SwiGLU as each MLP's forward (on a GPU it runs there only);
     tiling again wraps that kernel instead of keeping a tiled forward that is no longer called."""
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
     from transformers.integrations.liger import apply_liger_kernel
+    from transformers.models.qwen2 import modeling_qwen2
 
     from tuning.tiled_mlp import _tiled_forward
 
+    for name, value in vars(modeling_qwen2).copy().items():  # Liger also swaps the module's norm, MLP and rope,
+        if not name.startswith("__"):  # which every later Qwen2 of this process would build: put them back after
+            monkeypatch.setattr(modeling_qwen2, name, value)
     model = AutoModelForCausalLM.from_pretrained(tiny_text)
     tile_mlps(model, TILE)
     apply_liger_kernel(model, None)  # the Trainer's own call
