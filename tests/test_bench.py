@@ -12,6 +12,16 @@ from tests.conftest import PYTHON, REPO, run_env
 pytestmark = pytest.mark.slow
 
 
+def bench_module(name: str):
+    """A script of bench/ as a module (bench/ is no package: its profile.py would shadow the standard library's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def bench(*args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([PYTHON, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -52,15 +62,10 @@ def test_profile_bench_runs_every_method(tmp_path):
 
 
 def test_real_model_shapes_have_the_published_parameter_counts(tiny_vl):
-    import importlib.util
-
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    spec = importlib.util.spec_from_file_location("bench_profile", REPO / "bench" / "profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    real_shape_config = module.real_shape_config
+    real_shape_config = bench_module("profile").real_shape_config
     for size, published in (("3b", 3.75e9), ("7b", 8.29e9)):
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(
@@ -79,11 +84,7 @@ def test_attention_bench_times_both_paths_on_a_packed_row(tmp_path):
 
 
 def test_liger_modes_join_on_a_gpu_and_the_lower_trl_peak_is_the_reference():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_throughput", REPO / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_module("throughput")
     assert module.real_modes(cuda=False) == ("ours", "plain", "trl")  # Liger's Triton kernels need a GPU
     assert module.real_modes(cuda=True) == ("ours", "plain", "trl", "liger", "trl-liger")  # liger-kernel installed
 
