@@ -76,6 +76,37 @@ def test_a_packed_row_gets_one_unmasked_causal_call_per_sample(tiny_text, text_p
     assert max(length for length, _ in spy.calls) < batch["input_ids"].shape[1]
 
 
+def test_positions_are_read_once_per_forward_and_its_recompute(tiny_text, text_processing, monkeypatch):
+    """Reading the positions back waits for a GPU: once per training step, not once per layer and again in the
+    checkpoint's recompute; a new row of positions, or the same one changed in place, is read again."""
+    import tuning.attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation="sdpa")
+    set_use_cache(model, False)
+    attend_per_sample(model)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    assert model.config.num_hidden_layers > 1
+    batch = FlatteningCollator()(seed_features(text_processing, ["example_chatml.jsonl"]))
+    reads = []
+
+    def counted(positions):
+        reads.append(positions)
+        return sample_bounds(positions)
+
+    monkeypatch.setattr(tuning.attention, "sample_bounds", counted)
+    model(**batch).loss.backward()
+    assert len(reads) == 1
+    batch = {**batch, "position_ids": batch["position_ids"].clone()}
+    model(**batch)
+    assert len(reads) == 2
+    batch["position_ids"][0, 1:] = torch.arange(1, batch["position_ids"].shape[1])  # one sample now
+    spy = SdpaCalls(monkeypatch)
+    model(**batch)
+    assert len(reads) == 3
+    assert spy.calls == [(batch["input_ids"].shape[1], False)] * model.config.num_hidden_layers
+
+
 def test_padded_batches_and_generation_are_unchanged(tiny_text, text_processing, monkeypatch):
     tokenizer = text_processing[0]
     stock = AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation="sdpa").eval()

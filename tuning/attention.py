@@ -8,6 +8,7 @@ batches, generation with a cache, bidirectional vision towers) goes to the stock
 """
 
 import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -21,6 +22,27 @@ def sample_bounds(position_ids: torch.Tensor) -> list[int]:
     positions = position_ids.reshape(-1)
     starts = (torch.diff(positions) != 1).nonzero().view(-1) + 1
     return [0, *starts.tolist(), positions.numel()]
+
+
+class _LastRowBounds:
+    """sample_bounds of the last position_ids seen. Reading positions back from a GPU waits for every queued
+    kernel, and each layer of a forward (and the checkpoint's recompute of it) gets the same position_ids tensor:
+    read once per forward rather than once per layer. Held weakly, and keyed on the tensor's version, so neither
+    a later tensor at the same address nor an in-place change can return stale bounds."""
+
+    def __init__(self):
+        self.key, self.bounds = None, None
+
+    def __call__(self, position_ids: torch.Tensor, length: int) -> list[int]:
+        tensor = self.key and self.key[0]()
+        if tensor is position_ids and self.key[1:] == (position_ids._version, length):
+            return self.bounds
+        self.bounds = sample_bounds(position_ids[..., -length:])
+        self.key = (weakref.ref(position_ids), position_ids._version, length)
+        return self.bounds
+
+
+_row_bounds = _LastRowBounds()
 
 
 def packed_sdpa_attention(
@@ -39,7 +61,7 @@ def packed_sdpa_attention(
             f"{type(module).__name__} does not pass position_ids to its attention, which {PACKED_SDPA} needs to "
             "keep packed samples apart: train it with --attn_implementation eager, or with --packing False"
         )
-    bounds = sample_bounds(position_ids[..., -length:])
+    bounds = _row_bounds(position_ids, length)
     if len(bounds) == 2:
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
     outputs = [
