@@ -5,6 +5,7 @@
     python bench/throughput.py --smoke         # a tiny model and 2 steps: checks that every mode runs
     python bench/throughput.py --vocab real    # Qwen's 151,936-token vocabulary: ours against TRL, LoRA
     python bench/throughput.py --vocab real --tuning full
+    python bench/throughput.py --vocab real --repeats 3  # each mode 3 times: medians, and the spread of the ratios
 
 Modes, each in a fresh process (so peak memory is its own), on the same weights and samples:
   reference  every sample padded to model_max_length, as the Qwen2 finetune.py does (kept only here)
@@ -35,6 +36,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -441,6 +443,37 @@ def rate(result: dict) -> float:
     return result["real_tokens"] / result["seconds"]
 
 
+MEASURES = ("seconds", "peak_memory_bytes", "training_memory_bytes", "tensor_peak_bytes")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One mode's runs (the same samples, each in a fresh process): the first run's record with every measure
+    replaced by its median over the runs, and the runs themselves, for the spread."""
+    return {**runs[0], **{key: statistics.median(r[key] for r in runs) for key in MEASURES}, "runs": runs}
+
+
+def ratio_cell(result: dict, reference: dict, measure) -> str:
+    """measure(result) / measure(reference), as "0.50x"; over repeated runs the median of the ratios of the
+    runs made side by side (run i of each mode in round i), and their range."""
+    if result is reference:
+        return "1.00x"
+    pairs = list(zip(result.get("runs", [result]), reference.get("runs", [reference]), strict=True))
+    ratios = sorted(measure(run) / measure(ref) for run, ref in pairs)
+    text = f"{statistics.median(ratios):.2f}x"
+    return text if len(ratios) == 1 else f"{text} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
+def range_cell(result: dict, measure, unit: str = "") -> str:
+    """measure(result), the median over repeated runs, with the range of the runs."""
+    values = sorted(measure(run) for run in result.get("runs", [result]))
+    text = f"{statistics.median(values):,.0f}{unit}"
+    return text if len(values) == 1 else f"{text} ({values[0]:,.0f}-{values[-1]:,.0f})"
+
+
+def mebibytes(key: str):
+    return lambda result: result[key] / 2**20
+
+
 def real_modes(cuda: bool) -> tuple[str, ...]:
     """The --vocab real modes: Liger's too on a GPU where liger-kernel is installed (its kernels need one)."""
     import importlib.util
@@ -461,6 +494,7 @@ def real_table(results: dict, settings: dict) -> str:
         f"{'on' if settings['checkpointing'] else 'off'}; {settings['tokens_per_step']} tokens "
         f"per step (ours: --max_tokens_per_batch; TRL: one padding-free bfd pack); {settings['steps']} timed steps "
         f"after {settings['warmup']} warm-up. Device: {settings['device']}. "
+        + repeats_caption(settings)
         + (
             "Peak memory: the GPU memory allocated at the peak, weights included; memory taken by training: that "
             "peak above the allocated memory when training began"
@@ -483,15 +517,27 @@ def real_table(results: dict, settings: dict) -> str:
         "| peak vs TRL | training memory vs TRL | tensor memory vs TRL |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    peak, training = mebibytes("peak_memory_bytes"), mebibytes("training_memory_bytes")
     for mode in results:
         r = results[mode]
-        peak, training, tensors = r["peak_memory_bytes"], r["training_memory_bytes"], r["tensor_peak_bytes"]
+        tensors = r["tensor_peak_bytes"]  # on a CPU, profiled once
         lines.append(
-            f"| {REAL_NAMES[mode]} | {rate(r):,.0f} | {peak / 2**20:,.0f} MiB | {training / 2**20:,.0f} MiB "
-            f"| {tensors / 2**20:,.0f} MiB | {rate(r) / rate(trl):.2f}x | {peak / trl['peak_memory_bytes']:.2f}x "
-            f"| {training / trl['training_memory_bytes']:.2f}x | {tensors / trl['tensor_peak_bytes']:.2f}x |"
+            f"| {REAL_NAMES[mode]} | {range_cell(r, rate)} | {range_cell(r, peak, ' MiB')} "
+            f"| {range_cell(r, training, ' MiB')} | {tensors / 2**20:,.0f} MiB | {ratio_cell(r, trl, rate)} "
+            f"| {ratio_cell(r, trl, peak)} | {ratio_cell(r, trl, training)} "
+            f"| {tensors / trl['tensor_peak_bytes']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
+
+
+def repeats_caption(settings: dict) -> str:
+    repeats = settings.get("repeats", 1)
+    if repeats == 1:
+        return ""
+    return (
+        f"Each mode run {repeats} times, each time in a fresh process, the modes in turn: medians, with the "
+        "range of the runs in parentheses; a ratio is the median of the ratios of the runs made side by side. "
+    )
 
 
 def table(results: dict, matmul: float, settings: dict) -> str:
@@ -504,7 +550,8 @@ def table(results: dict, matmul: float, settings: dict) -> str:
         f"{settings['length_summary']}; model_max_length {settings['max_length']}; "
         f"{settings['batch']} samples per step (TRL: {trl['batch']} packs of up to {settings['max_length']}); "
         f"{settings['steps']} timed steps after {settings['warmup']} warm-up. Device: {settings['device']}. "
-        f"Plain matmul: {matmul / 1e9:.1f} GFLOP/s.",
+        + repeats_caption(settings)
+        + f"Plain matmul: {matmul / 1e9:.1f} GFLOP/s.",
         "",
         "| mode | real tokens/s | padding | peak memory | FLOP/s vs matmul | vs reference | vs TRL |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -572,6 +619,7 @@ def prepare(args) -> dict:
         "data": str(data),
         "batch": args.batch,
         "steps": args.steps,
+        "repeats": args.repeats,
         "warmup": args.warmup,
         "seed": args.seed,
         "max_length": args.max_length,
@@ -613,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=512, help="generated chats")
     parser.add_argument("--max_length", type=int, default=1024, help="model_max_length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, in turn: medians and ranges")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 short steps: does every mode run?")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and chart go")
     parser.add_argument(
@@ -644,14 +693,15 @@ def main(argv: list[str] | None = None) -> int:
         args.max_length = 4096  # a long tail: some chats over 2,000 tokens
     settings = prepare(args)
     matmul = matmul_flops_per_second()
-    results = {}
     modes = real_modes(settings["cuda"]) if args.vocab == "real" else MODES
-    for mode in modes:
-        results[mode] = run_in_child(mode, settings)
-        if args.vocab == "real" and not settings["cuda"]:  # the tensor memory of one step, profiled apart
+    runs = {mode: [] for mode in modes}
+    for _, mode in itertools.product(range(args.repeats), modes):  # in turn, so that a slow spell hits every mode
+        runs[mode].append(run_in_child(mode, settings))
+        print(f"{mode}: {rate(runs[mode][-1]):,.0f} real tokens/s", file=sys.stderr)
+    results = {mode: summarize(runs[mode]) for mode in modes}
+    if args.vocab == "real" and not settings["cuda"]:  # the tensor memory of one step, profiled apart
+        for mode in modes:
             results[mode].update(run_in_child(mode, {**settings, "profile": True, "warmup": 1, "steps": 0}))
-        r = results[mode]
-        print(f"{mode}: {r['real_tokens'] / r['seconds']:,.0f} real tokens/s", file=sys.stderr)
     text = real_table(results, settings) if args.vocab == "real" else table(results, matmul, settings)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -43,14 +43,34 @@ def test_throughput_bench_times_every_mode_on_the_same_samples(tmp_path):
 
 
 def test_real_vocabulary_bench_compares_ours_with_trl_on_the_same_tokens(tmp_path):
-    bench("bench/throughput.py", "--vocab", "real", "--smoke", "--out", str(tmp_path))
+    bench("bench/throughput.py", "--vocab", "real", "--smoke", "--repeats", "2", "--out", str(tmp_path))
     results = json.loads((tmp_path / "throughput-real-lora-smoke.json").read_text())["results"]
     assert set(results) == {"ours", "plain", "trl"}
     # the two toolkit modes differ only in the loss: the same batches, so the same tokens
     assert results["ours"]["real_tokens"] == results["plain"]["real_tokens"] > 0
-    assert all(r["peak_memory_bytes"] > 0 and r["training_memory_bytes"] >= 0 for r in results.values())
+    assert all(len(r["runs"]) == 2 for r in results.values())
+    assert all(run["peak_memory_bytes"] > 0 and run["training_memory_bytes"] >= 0 for run in results["ours"]["runs"])
     table = (tmp_path / "throughput-real-lora-smoke.md").read_text()
-    assert "| ours (default: chunked loss) |" in table and "| TRL SFTTrainer |" in table
+    ours = next(line for line in table.splitlines() if line.startswith("| ours (default: chunked loss) |"))
+    assert ours.count(" (") == 7  # four measures and three ratios, each with the range of its two runs
+    assert "| TRL SFTTrainer |" in table and "Each mode run 2 times" in table
+
+
+def test_repeated_runs_report_the_median_of_ratios_made_side_by_side():
+    module = bench_module("throughput")
+
+    def run(peak):
+        return {"peak_memory_bytes": peak, "seconds": 1.0, "training_memory_bytes": 0, "tensor_peak_bytes": 0}
+
+    # round 2 raised both modes' peaks alike; the ratio of the medians (12 / 22) would read 0.55x
+    ours = module.summarize([run(10), run(30), run(12)])
+    trl = module.summarize([run(20), run(60), run(22)])
+    assert ours["peak_memory_bytes"] == 12 and trl["peak_memory_bytes"] == 22
+    peak = module.mebibytes("peak_memory_bytes")
+    assert module.ratio_cell(ours, trl, peak) == "0.50x (0.50-0.55)"
+    assert module.ratio_cell(trl, trl, peak) == "1.00x"
+    assert module.range_cell(ours, lambda r: r["peak_memory_bytes"], " B") == "12 B (10-30)"
+    assert module.ratio_cell(run(10), run(40), peak) == "0.25x"  # one run: no range
 
 
 def test_profile_bench_runs_every_method(tmp_path):
