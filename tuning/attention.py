@@ -31,15 +31,17 @@ class _LastRowBounds:
     a later tensor at the same address nor an in-place change can return stale bounds."""
 
     def __init__(self):
-        self.key, self.bounds = None, None
+        # (weak reference, version, length, bounds), read and replaced whole: nn.DataParallel's replicas run in
+        # threads, and none may pair its tensor's key with another's bounds
+        self.last = None
 
     def __call__(self, position_ids: torch.Tensor, length: int) -> list[int]:
-        tensor = self.key and self.key[0]()
-        if tensor is position_ids and self.key[1:] == (position_ids._version, length):
-            return self.bounds
-        self.bounds = sample_bounds(position_ids[..., -length:])
-        self.key = (weakref.ref(position_ids), position_ids._version, length)
-        return self.bounds
+        last, key = self.last, (position_ids._version, length)
+        if last is not None and last[0]() is position_ids and last[1:3] == key:
+            return last[3]
+        bounds = sample_bounds(position_ids[..., -length:])
+        self.last = (weakref.ref(position_ids), *key, bounds)
+        return bounds
 
 
 _row_bounds = _LastRowBounds()
