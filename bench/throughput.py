@@ -452,22 +452,29 @@ def summarize(runs: list[dict]) -> dict:
     return {**runs[0], **{key: statistics.median(r[key] for r in runs) for key in MEASURES}, "runs": runs}
 
 
+def runs_of(result: dict) -> list[dict]:
+    return result.get("runs", [result])
+
+
+def median_and_range(values: list[float], number: str, unit: str) -> str:
+    """The median with its unit, and with more than one value the lowest and highest: "0.50x (0.49-0.51)"."""
+    values = sorted(values)
+    text = f"{statistics.median(values):{number}}{unit}"
+    return text if len(values) == 1 else f"{text} ({values[0]:{number}}-{values[-1]:{number}})"
+
+
 def ratio_cell(result: dict, reference: dict, measure) -> str:
     """measure(result) / measure(reference), as "0.50x"; over repeated runs the median of the ratios of the
     runs made side by side (run i of each mode in round i), and their range."""
     if result is reference:
         return "1.00x"
-    pairs = list(zip(result.get("runs", [result]), reference.get("runs", [reference]), strict=True))
-    ratios = sorted(measure(run) / measure(ref) for run, ref in pairs)
-    text = f"{statistics.median(ratios):.2f}x"
-    return text if len(ratios) == 1 else f"{text} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+    pairs = zip(runs_of(result), runs_of(reference), strict=True)
+    return median_and_range([measure(run) / measure(ref) for run, ref in pairs], ".2f", "x")
 
 
 def range_cell(result: dict, measure, unit: str = "") -> str:
     """measure(result), the median over repeated runs, with the range of the runs."""
-    values = sorted(measure(run) for run in result.get("runs", [result]))
-    text = f"{statistics.median(values):,.0f}{unit}"
-    return text if len(values) == 1 else f"{text} ({values[0]:,.0f}-{values[-1]:,.0f})"
+    return median_and_range([measure(run) for run in runs_of(result)], ",.0f", unit)
 
 
 def mebibytes(key: str):
