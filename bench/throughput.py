@@ -284,6 +284,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     from tuning.data.collate import FlatteningCollator, PaddingCollator
     from tuning.data.dataset import build_dataset
     from tuning.data.encode import Encoder
+    from tuning.host_memory import map_large_blocks_apart
     from tuning.model import load_processing, set_use_cache
     from tuning.train import GuardedTrainer, TileMLPs
 
@@ -358,6 +359,8 @@ def run_mode(mode: str, settings: dict) -> dict:
         )
     if mode in TOOLKIT_MODES and settings.get("checkpointing"):  # as finetune.py: tiles with checkpointing
         trainer.add_callback(TileMLPs(None))
+    if not torch.cuda.is_available():  # the host allocator's setting ours trains with, for every mode alike
+        map_large_blocks_apart()
     counter = FedTokens(model)
     if settings.get("profile"):  # a process of its own: the profiler's records would count in the peak RSS
         allocated = allocated_callback(counter)

@@ -289,6 +289,18 @@ def test_chatml_rows_left_at_zero_in_a_base_model_are_found_and_trained(tmp_path
     assert "training the embedding rows" not in caplog.text
 
 
+def test_training_on_a_cpu_returns_large_freed_blocks(tmp_path, tiny_text, caplog):
+    """The trainer fixes glibc's threshold on a CPU (what it does to the memory: tests/test_host_memory.py)."""
+    import logging
+
+    from tuning.host_memory import is_glibc, user_set_threshold
+
+    with caplog.at_level(logging.INFO):
+        run(tmp_path, tiny_text, data=DATA / "example_chatml.jsonl")
+    said = "host memory: blocks of 4 MiB and more are returned when freed" in caplog.text
+    assert said == (is_glibc() and not user_set_threshold())
+
+
 def test_length_grouped_sampling_with_dynamic_padding(tmp_path, tiny_text):
     trainer, watch = run(
         tmp_path,

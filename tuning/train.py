@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from tuning.data.encode import IGNORE_INDEX
+from tuning.host_memory import LARGE_BLOCK_BYTES, map_large_blocks_apart
 from tuning.loss import output_head, supervised_loss
 from tuning.tiled_mlp import tile_mlps
 
@@ -303,6 +304,12 @@ class GuardedTrainer(Trainer):
         self.lr_by_prefix = lr_by_prefix or {}  # e.g. the vision tower and the projector at their own rates
         self.loss_impl = loss_impl
         self.add_callback(NonFiniteGradients(on_nonfinite))
+
+    def train(self, *args, **kwargs):
+        if self.args.device.type == "cpu" and map_large_blocks_apart():
+            mib = LARGE_BLOCK_BYTES // 2**20
+            logger.info("host memory: blocks of %d MiB and more are returned when freed (tuning/host_memory.py)", mib)
+        return super().train(*args, **kwargs)
 
     def get_train_dataloader(self):
         """With --max_tokens_per_batch: batches filled up to that many tokens (tuning.data.batching)."""
