@@ -4,8 +4,10 @@ There the tensors live in the process's heap. glibc maps a block of 128 KiB or m
 such block freed raises that threshold to its size (up to 32 MiB), so from the first step on a step's activations,
 a few MiB each, come from the heap; freed between blocks still alive, their pages stay with the process. On the
 real-vocabulary bench that was 200-300 MiB of the peak RSS, and it varied from run to run. Fixing the threshold
-stops the raising. Not lower: each mapping costs page faults when it is first written, and at 1 MiB the
-small-vocabulary bench ran 25-40 % slower. Not on a GPU, whose tensors are not in this heap.
+stops the raising. It costs time, since each mapping takes page faults when it is first written: the
+real-vocabulary bench ran 11-21 % slower for its 190-250 MiB lower peak, and at 1 MiB the small-vocabulary bench
+ran 25-40 % slower (at 4 MiB it does not). A threshold the user set stands. Not on a GPU, whose tensors are not in
+this heap.
 """
 
 from __future__ import annotations
