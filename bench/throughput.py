@@ -359,8 +359,8 @@ def run_mode(mode: str, settings: dict) -> dict:
         )
     if mode in TOOLKIT_MODES and settings.get("checkpointing"):  # as finetune.py: tiles with checkpointing
         trainer.add_callback(TileMLPs(None))
-    if settings.get("vocab") == "real" and not torch.cuda.is_available():
-        map_large_blocks_apart()  # TRL's best memory too: the host allocator's setting our trainer sets on a CPU
+    if mode.startswith("trl") and real and not torch.cuda.is_available():
+        map_large_blocks_apart()  # TRL's best memory: the host allocator's setting our trainer makes on a CPU
     counter = FedTokens(model)
     if settings.get("profile"):  # a process of its own: the profiler's records would count in the peak RSS
         allocated = allocated_callback(counter)

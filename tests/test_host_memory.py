@@ -36,7 +36,7 @@ print(done, round(resident() - before))
 
 
 def resident_after_freeing(how: str, **env: str) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_" and k != "GLIBC_TUNABLES"}
+    clean = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
     result = subprocess.run(
         [sys.executable, "-c", HOLES, how],
         env={**clean, "PYTHONPATH": str(REPO), **env},
