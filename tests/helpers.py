@@ -37,7 +37,7 @@ def qwen_vl(sample_id: str, *turns: str, roles=("user", "assistant")) -> dict:
 def reference_ids(processing, conv, encoder: Encoder) -> list[int]:
     """What apply_chat_template gives at inference for the same messages (grounding already converted), the
     pictures passed to the processor."""
-    from tuning.data.images import load_image
+    from tuning.data.media.images import load_image
 
     tokenizer, processor, _ = processing
     messages = encoder.template_messages(conv)

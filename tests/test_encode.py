@@ -19,7 +19,7 @@ from tests.helpers import (
 from tuning.data.encode import IGNORE_INDEX, DroppedSample
 from tuning.data.errors import DataError
 from tuning.data.formats import ImageRef, iter_conversations
-from tuning.data.images import load_image
+from tuning.data.media.images import load_image
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 DATA_FILES = [

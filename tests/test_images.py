@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import ImageServer, picture, png_bytes
 from tuning.data.formats import ImageRef
-from tuning.data.images import ImageLimits, ImageLoadError, load_image
+from tuning.data.media.images import ImageLimits, ImageLoadError, load_image
 
 
 def limits(tmp_path, **kwargs) -> ImageLimits:

@@ -18,7 +18,7 @@ from tuning.data.args import DataArguments
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset
 from tuning.data.errors import DataErrors
-from tuning.data.resolution import MediaOptions, configure, tokens_per_picture
+from tuning.data.media.resolution import MediaOptions, configure, tokens_per_picture
 from tuning.model import load_processing, rope_index_fn, set_use_cache
 from tuning.tiny import ensure_tiny
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from tuning.data import grounding
-from tuning.data.resolution import MediaOptions, configure, pixels
+from tuning.data.media.resolution import MediaOptions, configure, pixels
 from tuning.data.template import ChatTemplate
 from tuning.model import LoadOptions, is_vision_language, load_adapter, load_model, load_processing, set_use_cache
 
@@ -114,8 +114,8 @@ class Chat:
         if not paths:
             return {}
         from tuning.data.conversation import VideoRef
-        from tuning.data.images import ImageLimits
-        from tuning.data.pixels import MediaProcessor
+        from tuning.data.media.images import ImageLimits
+        from tuning.data.media.processor import MediaProcessor
 
         media = MediaProcessor(self.processor, None, ImageLimits(), len(paths))
         loaded = [media.load_video(VideoRef(str(path), "")) for path in paths]

@@ -21,7 +21,7 @@ from tuning.chat import Chat, GenerationSettings, answer_boxes, load_for_chat
 from tuning.data import grounding
 from tuning.data.conversation import ImageRef
 from tuning.data.formats import iter_conversations
-from tuning.data.images import load_image, resolve_local
+from tuning.data.media.images import load_image, resolve_local
 
 PICTURE_MODES = ("real", "blank", "shuffled")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tuning.data.resolution import SAVED_NAME
+from tuning.data.media.resolution import SAVED_NAME
 from tuning.model import (
     LoadOptions,
     is_gptq_checkpoint,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tuning.data.encode import OVERLONG_POLICIES, Encoder
 from tuning.data.grounding import CONVENTIONS
-from tuning.data.images import ImageLimits
-from tuning.data.resolution import (
+from tuning.data.media.images import ImageLimits
+from tuning.data.media.resolution import (
     DEFAULT_IMAGE_MAX_PIXELS,
     DEFAULT_VIDEO_MAX_PIXELS,
     DEFAULT_VIDEO_MIN_PIXELS,

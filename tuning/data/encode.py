@@ -18,8 +18,8 @@ import torch
 
 from tuning.data import grounding
 from tuning.data.conversation import BoxRef, Conversation, ImageRef, VideoRef
-from tuning.data.images import ImageLimits
-from tuning.data.pixels import MediaProcessor
+from tuning.data.media.images import ImageLimits
+from tuning.data.media.processor import MediaProcessor
 from tuning.data.template import ChatTemplate, Rendered, TemplateError
 
 IGNORE_INDEX = -100

@@ -8,7 +8,7 @@ import io
 import numpy as np
 
 from tuning.data.conversation import ImageRef, VideoRef
-from tuning.data.images import ImageLimits, ImageLoadError, fetch_url, load_image, resolve_local
+from tuning.data.media.images import ImageLimits, ImageLoadError, fetch_url, load_image, resolve_local
 
 
 def load_video(ref: VideoRef, sample_frames, frames_fps: float, image_folder: str | None, limits: ImageLimits):

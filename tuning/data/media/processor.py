@@ -1,6 +1,6 @@
 """Pictures and videos of a conversation -> the model's inputs, through the model's own processor.
 
-The processor resizes pictures, samples and resizes video frames (with the options of tuning.data.resolution),
+The processor resizes pictures, samples and resizes video frames (with the options of tuning.data.media.resolution),
 and says what each placeholder of the chat template becomes (so many image tokens; for Qwen3-VL, timestamps
 and one block per frame): nothing here knows a model's token counts.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tuning.data.conversation import Conversation, ImageRef, VideoRef
-from tuning.data.images import ImageLimits, ImageLoadError, load_image
-from tuning.data.videos import load_video
+from tuning.data.media.images import ImageLimits, ImageLoadError, load_image
+from tuning.data.media.videos import load_video
 
 
 @dataclass
@@ -113,7 +113,7 @@ class MediaProcessor:
             )
 
     def load_video(self, ref: VideoRef):
-        # the processor's fps as tuning.data.resolution set it, else the usual 2 frames a second
+        # the processor's fps as tuning.data.media.resolution set it, else the usual 2 frames a second
         fps = getattr(self.video_processor, "fps", None) or 2.0
         sample = functools.partial(self.video_processor.sample_frames, fps=fps)
         return load_video(ref, sample, fps, self.image_folder, self.limits)
