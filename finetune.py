@@ -23,6 +23,8 @@ import transformers
 from transformers import HfArgumentParser
 
 from tuning.attention import PACKED_SDPA, attend_per_sample
+from tuning.callbacks import LossPlotCallback, SampleGenerationCallback, StopOnSignal, ThroughputCallback, TileMLPs
+from tuning.checkpoints import RestoreFullWeights, resolve_resume, resume_command, save_final, save_run_args
 from tuning.data.args import DataArguments, merge_repeated_flags
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset, sample_to_features
@@ -44,19 +46,8 @@ from tuning.model import (
     untrained_token_ids,
     vision_parts,
 )
-from tuning.train import (
-    GuardedTrainer,
-    LossPlotCallback,
-    RestoreFullWeights,
-    SampleGenerationCallback,
-    StopOnSignal,
-    ThroughputCallback,
-    TileMLPs,
-    resolve_resume,
-    resume_command,
-    save_final,
-    save_run_args,
-)
+from tuning.runtime import deepspeed_state_on_cpu, is_zero3, leave_distributed
+from tuning.trainer import GuardedTrainer
 
 logger = logging.getLogger("finetune")
 
@@ -199,28 +190,6 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
     return problems
 
 
-def deepspeed_state_on_cpu() -> dict:
-    """Set up accelerate's state for DeepSpeed over gloo, for TrainingArguments to use as it is.
-
-    Left to itself, TrainingArguments gives accelerate no backend for DeepSpeed on a machine without GPUs;
-    accelerate then counts every rank as rank 0 of 1, and ZeRO fails its batch-size check with 2 ranks."""
-    from accelerate import PartialState
-
-    if "LOCAL_RANK" not in os.environ:  # plain `python finetune.py --deepspeed ...`: a one-process group
-        defaults = {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": "29511",
-        }
-        for key, value in defaults.items():
-            os.environ.setdefault(key, value)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
-    return {"use_configured_state": True}
-
-
 def parse_arguments(argv: list[str]):
     """The four argument groups. Every problem is collected, the Trainer's own checks included, and
     reported at once before anything is loaded."""
@@ -313,12 +282,6 @@ def learning_rates_by_part(model, training_args) -> dict[str, float]:
     if training_args.vision_lr is not None:
         rates.update(dict.fromkeys(towers, training_args.vision_lr))
     return rates
-
-
-def is_zero3(training_args) -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
 
 
 def mlp_tiling(training_args, zero3: bool) -> list[TileMLPs]:
@@ -457,20 +420,6 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         data_args.media_options().save(training_args.output_dir)  # the chat and the demo resize the same way
     logger.info("saved to %s", training_args.output_dir)
     return trainer
-
-
-def leave_distributed(exit_code: int) -> None:
-    """Under torchrun: all ranks meet at a barrier and then exit at once, skipping interpreter teardown.
-
-    Tearing down gloo's threads at exit now and then aborted a rank after its work was saved ("terminate called
-    without an active exception", SIGABRT: 3 aborts over 3 full test runs, DDP and ZeRO-3 alike, and
-    with destroy_process_group at the end too). Past the barrier every file is written and closed."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -281,12 +281,13 @@ def run_mode(mode: str, settings: dict) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from tuning.attention import attend_per_sample
+    from tuning.callbacks import TileMLPs
     from tuning.data.collate import FlatteningCollator, PaddingCollator
     from tuning.data.dataset import build_dataset
     from tuning.data.encode import Encoder
-    from tuning.host_memory import map_large_blocks_apart
     from tuning.model import load_processing, set_use_cache
-    from tuning.train import GuardedTrainer, TileMLPs
+    from tuning.runtime import map_large_blocks_apart
+    from tuning.trainer import GuardedTrainer
 
     tokenizer, _, _ = load_processing(settings["model"])
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32

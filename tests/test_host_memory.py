@@ -1,4 +1,4 @@
-"""tuning/host_memory.py: on a CPU, large tensors freed between live ones leave the process instead of staying."""
+"""tuning/runtime.py: on a CPU, large tensors freed between live ones leave the process instead of staying."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tuning.host_memory import is_glibc
+from tuning.runtime import is_glibc
 
 pytestmark = pytest.mark.skipif(not is_glibc(), reason="glibc's setting; other C libraries are left alone")
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not is_glibc(), reason="glibc's setting; other C
 # would, which is what raises glibc's own threshold.
 HOLES = """
 import os, sys, torch
-from tuning.host_memory import map_large_blocks_apart
+from tuning.runtime import map_large_blocks_apart
 
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from finetune import train
 from tests.conftest import DATA, PYTHON, REPO, run_env
 from tests.helpers import free_port, picture, qwen_vl, small_run_args, trainer_state, write_json
-from tuning.train import checkpoint_problems, resolve_resume
+from tuning.checkpoints import checkpoint_problems, resolve_resume
 
 pytestmark = pytest.mark.slow
 

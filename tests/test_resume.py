@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from finetune import train
 from tests.conftest import DATA
 from tests.helpers import small_run_args, torchrun_finetune, trainer_state
-from tuning.train import checkpoint_problems
+from tuning.checkpoints import checkpoint_problems
 
 pytestmark = pytest.mark.slow
 DATA_FILES = [DATA / "example.json", DATA / "example_openai.jsonl"]  # 5 samples

@@ -293,7 +293,7 @@ def test_training_on_a_cpu_returns_large_freed_blocks(tmp_path, tiny_text, caplo
     """The trainer fixes glibc's threshold on a CPU (what it does to the memory: tests/test_host_memory.py)."""
     import logging
 
-    from tuning.host_memory import is_glibc, user_set_threshold
+    from tuning.runtime import is_glibc, user_set_threshold
 
     with caplog.at_level(logging.INFO):
         run(tmp_path, tiny_text, data=DATA / "example_chatml.jsonl")
