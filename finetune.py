@@ -46,8 +46,8 @@ from tuning.model import (
     untrained_token_ids,
     vision_parts,
 )
-from tuning.runtime import deepspeed_state_on_cpu, is_zero3, leave_distributed
-from tuning.trainer import GuardedTrainer
+from tuning.runtime import deepspeed_state_on_cpu, is_zero3, leave_distributed, prepare_host_memory
+from tuning.trainer import SupervisedTrainer
 
 logger = logging.getLogger("finetune")
 
@@ -298,7 +298,7 @@ def mlp_tiling(training_args, zero3: bool) -> list[TileMLPs]:
     return [TileMLPs(training_args.mlp_tile_tokens)]
 
 
-def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTrainer:
+def train(argv: list[str] | None = None, callbacks: tuple = ()) -> SupervisedTrainer:
     argv = sys.argv[1:] if argv is None else argv
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
@@ -385,7 +385,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         )
         report.save(os.path.join(training_args.output_dir, "data_report.json"))
     stop_on_signal = StopOnSignal()
-    trainer = GuardedTrainer(
+    trainer = SupervisedTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
@@ -403,6 +403,7 @@ def train(argv: list[str] | None = None, callbacks: tuple = ()) -> GuardedTraine
         max_tokens_per_batch=data_args.max_tokens_per_batch,
     )
     model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
+    prepare_host_memory(training_args.device)
     trainer.train(resume_from_checkpoint=resume)
     if stop_on_signal.received:
         checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{stop_on_signal.saved_at}")

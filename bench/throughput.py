@@ -287,7 +287,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     from tuning.data.encode import Encoder
     from tuning.model import load_processing, set_use_cache
     from tuning.runtime import map_large_blocks_apart
-    from tuning.trainer import GuardedTrainer
+    from tuning.trainer import SupervisedTrainer
 
     tokenizer, _, _ = load_processing(settings["model"])
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -333,7 +333,7 @@ def run_mode(mode: str, settings: dict) -> dict:
         arguments = TrainingArguments(
             **common_arguments(settings, out, 1), remove_unused_columns=False, use_liger_kernel=mode == "liger"
         )
-        trainer = GuardedTrainer(
+        trainer = SupervisedTrainer(
             model=model,
             args=arguments,
             train_dataset=dataset,
@@ -351,7 +351,7 @@ def run_mode(mode: str, settings: dict) -> dict:
             "packed": lambda: FlatteningCollator(),
         }[mode]()
         # the toolkit's own trainer (its default loss) for the packed mode; the stock Trainer for the others
-        trainer_class = GuardedTrainer if mode == "packed" else Trainer
+        trainer_class = SupervisedTrainer if mode == "packed" else Trainer
         trainer = trainer_class(
             model=model,
             args=TrainingArguments(**common_arguments(settings, out, batch), remove_unused_columns=False),
@@ -360,7 +360,8 @@ def run_mode(mode: str, settings: dict) -> dict:
         )
     if mode in TOOLKIT_MODES and settings.get("checkpointing"):  # as finetune.py: tiles with checkpointing
         trainer.add_callback(TileMLPs(None))
-    if mode.startswith("trl") and real and not torch.cuda.is_available():
+    toolkit_setting = mode in TOOLKIT_MODES  # as finetune.py does before it trains
+    if (toolkit_setting or (mode.startswith("trl") and real)) and not torch.cuda.is_available():
         map_large_blocks_apart()  # TRL's best memory: the host allocator's setting our trainer makes on a CPU
     counter = FedTokens(model)
     if settings.get("profile"):  # a process of its own: the profiler's records would count in the peak RSS

@@ -1,4 +1,15 @@
-"""The Trainer the recipe builds, and its parts."""
+"""The Trainer a recipe builds, from parts that another trainer (a preference stage) takes as they are.
+
+Each part is a mixin over transformers.Trainer with its own keyword arguments, and composes by inheritance:
+
+    class SupervisedTrainer(ChunkedLoss, TokenBudgetBatches, LearningRatesByPart, NonFiniteGuard, LossScaleLog, Trainer)
+
+- ChunkedLoss: the loss from the hidden states at the supervised positions, never the full logits (tuning.loss);
+- TokenBudgetBatches: batches filled up to a number of tokens (tuning.data.batching);
+- LearningRatesByPart: parameter-name prefixes (the vision tower, the projector) at learning rates of their own;
+- NonFiniteGuard: a NaN or infinite loss or gradient stops the run with a message, or skips the step;
+- LossScaleLog: the fp16 loss scale logged with the loss.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +21,6 @@ from transformers import Trainer, TrainerCallback
 from tuning.checkpoints import checkpoints_newest_first
 from tuning.data.encode import IGNORE_INDEX
 from tuning.loss import output_head, supervised_loss
-from tuning.runtime import prepare_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +43,7 @@ class NonFiniteGradients(TrainerCallback):
     """Before the optimizer step: gradients that are not finite stop the run or, if asked, skip the step.
 
     Under fp16 the loss scaler already skips overflowing steps; under DeepSpeed the gradients live in the engine
-    (the loss check in GuardedTrainer still applies)."""
+    (NonFiniteGuard's loss check still applies)."""
 
     def __init__(self, policy: str):
         self.policy = policy
@@ -53,32 +63,40 @@ class NonFiniteGradients(TrainerCallback):
         logger.warning("step %d: gradients are not finite, step skipped (%d so far)", step, len(self.skipped))
 
 
-class GuardedTrainer(Trainer):
-    """The Trainer, with a non-finite loss caught where it happens (the stock Trainer averages it out of the
-    log and trains on) and the fp16 loss scale logged with the loss."""
+class ChunkedLoss:
+    """Training batches: the loss from the hidden states at the supervised positions (tuning.loss), never the full
+    logits. The stock path for `loss_impl="plain"`, evaluation, and heads that are not plain linear layers."""
 
-    def __init__(
-        self,
-        *args,
-        on_nonfinite: str = "stop",
-        lr_by_prefix: dict[str, float] | None = None,
-        loss_impl: str = "chunked",
-        max_tokens_per_batch: int | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self.max_tokens_per_batch = max_tokens_per_batch
-        self.on_nonfinite = on_nonfinite
-        self.lr_by_prefix = lr_by_prefix or {}  # e.g. the vision tower and the projector at their own rates
+    def __init__(self, *args, loss_impl: str = "chunked", **kwargs):
         self.loss_impl = loss_impl
-        self.add_callback(NonFiniteGradients(on_nonfinite))
+        super().__init__(*args, **kwargs)
 
-    def train(self, *args, **kwargs):
-        prepare_host_memory(self.args.device)
-        return super().train(*args, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_impl != "chunked" or not model.training or "labels" not in inputs or output_head(model) is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        with supervised_loss(model, labels) as keep:
+            outputs = model(**inputs, logits_to_keep=keep)
+        loss_sum = outputs.logits.reshape(())  # the head returned the summed loss (tuning.loss)
+        if num_items_in_batch is not None:  # normalised over the supervised tokens of the whole accumulated step
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # the gradients are averaged over the ranks
+        else:
+            loss = loss_sum / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+
+class TokenBudgetBatches:
+    """With `max_tokens_per_batch`: each training batch filled with whole samples up to that many tokens
+    (tuning.data.batching) instead of a fixed number of samples. The dataset must say its samples' `lengths`."""
+
+    def __init__(self, *args, max_tokens_per_batch: int | None = None, **kwargs):
+        self.max_tokens_per_batch = max_tokens_per_batch
+        super().__init__(*args, **kwargs)
 
     def get_train_dataloader(self):
-        """With --max_tokens_per_batch: batches filled up to that many tokens (tuning.data.batching)."""
         if not self.max_tokens_per_batch:
             return super().get_train_dataloader()
         from torch.utils.data import DataLoader
@@ -95,48 +113,51 @@ class GuardedTrainer(Trainer):
         )
         return self.accelerator.prepare(loader)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Training batches: the loss from the hidden states at the supervised positions (tuning.loss), never the
-        full logits. The stock path for --loss_impl plain, evaluation, and heads that are not plain linear layers."""
-        if self.loss_impl != "chunked" or not model.training or "labels" not in inputs or output_head(model) is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        with supervised_loss(model, labels) as keep:
-            outputs = model(**inputs, logits_to_keep=keep)
-        loss_sum = outputs.logits.reshape(())  # the head returned the summed loss (tuning.loss)
-        if num_items_in_batch is not None:  # normalised over the supervised tokens of the whole accumulated step
-            loss = loss_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes  # the gradients are averaged over the ranks
-        else:
-            loss = loss_sum / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-        return (loss, outputs) if return_outputs else loss
+
+class LearningRatesByPart:
+    """`lr_by_prefix`: the parameters under each name prefix train at a learning rate of their own, in param
+    groups of their own (the scheduler then scales every group alike). Prefixes are tried in order: a projector
+    inside the vision tower comes first."""
+
+    def __init__(self, *args, lr_by_prefix: dict[str, float] | None = None, **kwargs):
+        self.lr_by_prefix = dict(lr_by_prefix or {})
+        super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with the parameters under each prefix of lr_by_prefix in groups of their own
-        learning rate (the scheduler then scales every group alike)."""
+        new = self.optimizer is None  # the Trainer returns an optimizer it made before as it is
         optimizer = super().create_optimizer(model)
-        if self.lr_by_prefix and not getattr(optimizer, "_split_by_prefix", False):
-            names = {id(p): n for n, p in (model or self.model).named_parameters()}
-            main, own = [], []  # the main rate's groups first: the logged learning rate is the first group's
-            for group in optimizer.param_groups:
-                by_lr: dict[float, list] = {group["lr"]: []}
-                for param in group["params"]:
-                    by_lr.setdefault(self._lr_for(names.get(id(param), ""), group["lr"]), []).append(param)
-                for lr, params in by_lr.items():
-                    (main if lr == group["lr"] else own).append({**group, "params": params, "lr": lr})
-            groups = main + [g for g in own if g["params"]]
-            optimizer.param_groups = groups
-            optimizer._split_by_prefix = True
-            logger.info("learning rates by parameter group: %s", sorted({g["lr"] for g in groups}))
+        if new and self.lr_by_prefix:
+            optimizer.param_groups = self._groups_by_prefix(optimizer.param_groups, model or self.model)
+            logger.info("learning rates by parameter group: %s", sorted({g["lr"] for g in optimizer.param_groups}))
         return optimizer
 
+    def _groups_by_prefix(self, groups: list[dict], model) -> list[dict]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        main, own = [], []  # the main rate's groups first: the logged learning rate is the first group's
+        for group in groups:
+            by_lr: dict[float, list] = {group["lr"]: []}
+            for param in group["params"]:
+                by_lr.setdefault(self._lr_for(names.get(id(param), ""), group["lr"]), []).append(param)
+            for lr, params in by_lr.items():
+                (main if lr == group["lr"] else own).append({**group, "params": params, "lr": lr})
+        return main + [g for g in own if g["params"]]
+
     def _lr_for(self, name: str, default: float) -> float:
-        for prefix, lr in self.lr_by_prefix.items():  # in order: the projector sits inside the vision tower
+        for prefix, lr in self.lr_by_prefix.items():
             if name.startswith(prefix + "."):
                 return lr
         return default
+
+
+class NonFiniteGuard:
+    """A loss that is not finite is caught where it happens (the stock Trainer averages it out of the log and trains
+    on), and gradients that are not finite before the optimizer step: `on_nonfinite="stop"` stops the run with what
+    to try, `"skip"` skips that step."""
+
+    def __init__(self, *args, on_nonfinite: str = "stop", **kwargs):
+        self.on_nonfinite = on_nonfinite
+        super().__init__(*args, **kwargs)
+        self.add_callback(NonFiniteGradients(on_nonfinite))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -146,6 +167,10 @@ class GuardedTrainer(Trainer):
                 raise SystemExit(nonfinite_message("loss", loss.item(), step, self.args))
             logger.warning("step %d: the loss is %s, the step will be skipped", step, loss.item())
         return loss
+
+
+class LossScaleLog:
+    """Under fp16, the loss scale beside the loss in the log (a falling scale is the first sign of overflow)."""
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.args.fp16 and "loss" in logs and (scale := self.loss_scale()) is not None:
@@ -161,3 +186,8 @@ class GuardedTrainer(Trainer):
             if isinstance(value := getattr(optimizer, name, None), (int, float)):
                 return float(value)
         return None
+
+
+class SupervisedTrainer(ChunkedLoss, TokenBudgetBatches, LearningRatesByPart, NonFiniteGuard, LossScaleLog, Trainer):
+    """The fine-tuning trainer: the stock Trainer with every part above. Keyword arguments: the Trainer's, and
+    `loss_impl`, `max_tokens_per_batch`, `lr_by_prefix`, `on_nonfinite`."""
