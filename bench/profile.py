@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tuning.model import load_processing
+    from tuning.data.processing import load_processing
 
     model = build_model(args.size)
     tokenizer, _, _ = load_processing(str(model))

@@ -8,8 +8,8 @@
     python bench/throughput.py --vocab real --repeats 3  # each mode 3 times: medians, and the spread of the ratios
 
 Modes, each in a fresh process (so peak memory is its own), on the same weights and samples:
-  reference  every sample padded to model_max_length, as the Qwen2 finetune.py does (kept only here)
-  dynamic    each batch padded to its longest sample (--packing False)
+  reference  every sample padded to model_max_length, as the Qwen2 finetune.py does (the stock Trainer; kept only here)
+  dynamic    the toolkit with --packing False: each batch padded to its longest sample
   packed     the toolkit's default: a batch flattened into one row with per-sample positions (padding-free),
              one sdpa call per sample (tuning/attention.py)
   trl        TRL SFTTrainer with its best packing: best-fit-decreasing packs, padding-free
@@ -51,7 +51,8 @@ if __name__ == "__main__":  # the repository, not bench/: bench/profile.py would
 MODES = ("reference", "dynamic", "packed", "trl")
 REAL_MODES = ("ours", "plain", "trl")  # --vocab real
 LIGER_MODES = ("liger", "trl-liger")  # --vocab real on a GPU, with liger-kernel installed: Liger's fused loss
-TOOLKIT_MODES = ("ours", "plain", "liger", "packed")  # finetune.py's setup: per-sample sdpa, tiled MLPs
+# finetune.py itself, through the recipe's phases (tuning/recipe.py), with the flag each mode names
+TOOLKIT_MODES = ("ours", "plain", "liger", "dynamic", "packed")
 REAL_NAMES = {
     "ours": "ours (default: chunked loss)",
     "plain": "ours, --loss_impl plain",
@@ -267,107 +268,151 @@ def common_arguments(settings: dict, out: str, batch: int) -> dict:
 
 
 def lora(model, settings: dict):
-    """The toolkit's LoRA (every linear layer of the language model), when the bench tunes with LoRA."""
+    """The toolkit's LoRA (every linear layer of the language model) on TRL's model, when the bench tunes with LoRA."""
     if settings.get("tuning") != "lora":
         return model
     from tuning.model import LoraOptions, attach_lora
 
-    options = LoraOptions(r=16, alpha=32, dropout=0.0)
+    options = LoraOptions(**LORA)
     return attach_lora(model, options, [], quantized=False, checkpointing=settings.get("checkpointing", False))
+
+
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+def toolkit_argv(mode: str, settings: dict, out: str) -> list[str]:
+    """finetune.py's arguments for a toolkit mode: the run a user would start, on the bench's model and chats."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    real = settings.get("vocab") == "real"
+    argv = ["--model_name_or_path", settings["model"], "--data_path", settings["data"], "--output_dir", out]
+    argv += [
+        "--model_max_length",
+        str(settings["max_length"]),
+        "--max_steps",
+        str(settings["warmup"] + settings["steps"]),
+    ]
+    argv += ["--per_device_train_batch_size", "1" if real else str(settings["batch"])]
+    argv += ["--learning_rate", "1e-5", "--lr_scheduler_type", "constant", "--save_strategy", "no"]
+    argv += [
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "10000",
+        "--disable_tqdm",
+        "True",
+        "--seed",
+        str(settings["seed"]),
+    ]
+    argv += ["--bf16", str(cuda), "--dataloader_num_workers", "0"]
+    # --vocab real: on, the default of both toolkits (our launchers, TRL's SFTConfig) and their lowest memory
+    argv += ["--gradient_checkpointing", str(settings.get("checkpointing", False))]
+    if settings.get("tuning") == "lora":
+        argv += ["--use_lora", "True", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"])]
+        argv += ["--lora_dropout", str(LORA["dropout"])]
+    if real:
+        argv += ["--max_tokens_per_batch", str(settings["tokens_per_step"])]
+    argv += {
+        "dynamic": ["--packing", "False"],
+        "plain": ["--loss_impl", "plain"],
+        "liger": ["--use_liger_kernel", "True"],
+    }.get(mode, [])
+    return argv
+
+
+def toolkit_trainer(mode: str, settings: dict, out: str):
+    """(trainer, its model, the run's arguments) through the recipe's phases, exactly as finetune.py composes them."""
+    from finetune import parse_arguments
+    from tuning import recipe
+    from tuning.callbacks import LossPlotCallback
+
+    args = parse_arguments(toolkit_argv(mode, settings, out))
+    recipe.start(args)
+    data = recipe.read_data(args)
+    processing = recipe.prepare_processing(args, data)
+    datasets = recipe.build_datasets(args, data, processing)
+    model = recipe.build_model(args, processing)
+    trainer = recipe.build_trainer(args, processing, datasets, model, None)
+    trainer.remove_callback(LossPlotCallback)  # matplotlib, imported at the end to draw it, would count in the peak
+    return trainer, model
+
+
+def stock_trainer(mode: str, settings: dict, out: str):
+    """(trainer, its model) for the comparisons: TRL's SFTTrainer, and the Qwen2 script's padding to the maximum."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from tuning.data.collate import PaddingCollator
+    from tuning.data.dataset import build_dataset
+    from tuning.data.encode import Encoder
+    from tuning.data.processing import load_processing
+    from tuning.model import set_use_cache
+
+    tokenizer, _, family = load_processing(settings["model"])
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=dtype, attn_implementation="sdpa")
+    set_use_cache(model, False)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    batch = settings["batch"]
+    if mode == "reference":  # the Qwen2 reference behaviour (kept only here): every sample padded to model_max_length
+        encoder = Encoder(tokenizer, None, family=family, max_length=settings["max_length"])
+        dataset, _ = build_dataset([settings["data"]], encoder, show_progress=False)
+        return Trainer(
+            model=model,
+            args=TrainingArguments(**common_arguments(settings, out, batch), remove_unused_columns=False),
+            train_dataset=dataset,
+            data_collator=PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=settings["max_length"]),
+        ), model
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    real = settings.get("vocab") == "real"
+    records = [json.loads(line) for line in Path(settings["data"]).read_text().splitlines()]
+    pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in records]
+    pack = settings["tokens_per_step"] if real else settings["max_length"]
+    # packs of up to `pack` tokens: as many packs per step as give the other modes' tokens per step
+    batch = 1 if real else max(1, round(batch * settings["mean_length"] / settings["max_length"]))
+    config = SFTConfig(
+        **common_arguments(settings, out, batch),
+        max_length=pack,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        dataset_num_proc=1,
+        use_liger_kernel=mode == "trl-liger",
+    )
+    model = lora(model, settings)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
+    return trainer, model
 
 
 def run_mode(mode: str, settings: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from tuning.attention import attend_per_sample
-    from tuning.callbacks import TileMLPs
-    from tuning.data.collate import FlatteningCollator, PaddingCollator
-    from tuning.data.dataset import build_dataset
-    from tuning.data.encode import Encoder
-    from tuning.model import load_processing, set_use_cache
+    from tuning import recipe
     from tuning.runtime import map_large_blocks_apart
-    from tuning.trainer import SupervisedTrainer
 
-    tokenizer, _, _ = load_processing(settings["model"])
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=dtype, attn_implementation="sdpa")
-    set_use_cache(model, False)
-    if mode in TOOLKIT_MODES:
-        attend_per_sample(model)
-    if torch.cuda.is_available():
-        model.to("cuda")
-        torch.cuda.reset_peak_memory_stats()
     out = tempfile.mkdtemp(prefix=f"bench-{mode}-")
-    batch = settings["batch"]
-
-    real = settings.get("vocab") == "real"
-    if mode.startswith("trl"):
-        from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
-
-        records = [json.loads(line) for line in Path(settings["data"]).read_text().splitlines()]
-        pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in records]
-        pack = settings["tokens_per_step"] if real else settings["max_length"]
-        # packs of up to `pack` tokens: as many packs per step as give the other modes' tokens per step
-        batch = 1 if real else max(1, round(batch * settings["mean_length"] / settings["max_length"]))
-        config = SFTConfig(
-            **common_arguments(settings, out, batch),
-            max_length=pack,
-            packing=True,
-            packing_strategy="bfd",
-            padding_free=True,
-            dataset_num_proc=1,
-            use_liger_kernel=mode == "trl-liger",
-        )
-        trainer = SFTTrainer(
-            model=lora(model, settings),
-            args=config,
-            train_dataset=Dataset.from_list(pairs),
-            processing_class=tokenizer,
-        )
-    elif real:  # the toolkit's trainer: packed batches of --max_tokens_per_batch, chunked (ours) or stock loss
-        encoder = Encoder(tokenizer, None, model_type="qwen2", max_length=settings["max_length"])
-        dataset, _ = build_dataset([settings["data"]], encoder, show_progress=False)
-        model = lora(model, settings)
-        arguments = TrainingArguments(
-            **common_arguments(settings, out, 1), remove_unused_columns=False, use_liger_kernel=mode == "liger"
-        )
-        trainer = SupervisedTrainer(
-            model=model,
-            args=arguments,
-            train_dataset=dataset,
-            data_collator=FlatteningCollator(),
-            loss_impl="chunked" if mode == "ours" else "plain",  # as finetune.py: Liger's loss replaces ours
-            max_tokens_per_batch=settings["tokens_per_step"],
-        )
-    else:
-        encoder = Encoder(tokenizer, None, model_type="qwen2", max_length=settings["max_length"])
-        dataset, _ = build_dataset([settings["data"]], encoder, show_progress=False)
-        inner = {
-            # the Qwen2 reference behaviour (kept only here): every sample padded to model_max_length
-            "reference": lambda: PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=settings["max_length"]),
-            "dynamic": lambda: PaddingCollator(pad_token_id=tokenizer.pad_token_id),
-            "packed": lambda: FlatteningCollator(),
-        }[mode]()
-        # the toolkit's own trainer (its default loss) for the packed mode; the stock Trainer for the others
-        trainer_class = SupervisedTrainer if mode == "packed" else Trainer
-        trainer = trainer_class(
-            model=model,
-            args=TrainingArguments(**common_arguments(settings, out, batch), remove_unused_columns=False),
-            train_dataset=dataset,
-            data_collator=inner,
-        )
-    if mode in TOOLKIT_MODES and settings.get("checkpointing"):  # as finetune.py: tiles with checkpointing
-        trainer.add_callback(TileMLPs(None))
-    toolkit_setting = mode in TOOLKIT_MODES  # as finetune.py does before it trains
-    if (toolkit_setting or (mode.startswith("trl") and real)) and not torch.cuda.is_available():
+    toolkit = mode in TOOLKIT_MODES
+    trainer, model = toolkit_trainer(mode, settings, out) if toolkit else stock_trainer(mode, settings, out)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if mode.startswith("trl") and settings.get("vocab") == "real" and not torch.cuda.is_available():
         map_large_blocks_apart()  # TRL's best memory: the host allocator's setting our trainer makes on a CPU
+
+    def train():
+        if toolkit:  # the recipe's run phase, as finetune.py: the host allocator's setting, train mode, Trainer.train
+            recipe.run(trainer, None, [])
+        else:
+            trainer.train()
+
     counter = FedTokens(model)
     if settings.get("profile"):  # a process of its own: the profiler's records would count in the peak RSS
         allocated = allocated_callback(counter)
         trainer.add_callback(allocated)
-        trainer.train()
+        train()
         return {
             "tensor_peak_bytes": allocated.peak,
             "tensor_peak_by_category": allocated.by_category,
@@ -377,7 +422,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     trainer.add_callback(timer)
     memory = TrainingMemory()
     memory.begin(model)
-    trainer.train()
+    train()
     training_memory = memory.end()
 
     seconds = timer.end - timer.start
@@ -398,7 +443,7 @@ def run_mode(mode: str, settings: dict) -> dict:
         "peak_memory_bytes": peak,
         "training_memory_bytes": training_memory,
         "tensor_peak_bytes": peak,  # on a CPU, replaced by the profiled run's
-        "batch": batch,
+        "batch": trainer.args.per_device_train_batch_size,
     }
 
 
@@ -603,7 +648,7 @@ def prepare(args) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from tuning.model import load_processing
+    from tuning.data.processing import load_processing
     from tuning.tiny import ensure_tiny
 
     size = "smoke" if args.smoke else "real" if args.vocab == "real" else "full"

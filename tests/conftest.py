@@ -59,14 +59,14 @@ def tiny_vl() -> Path:
 
 @pytest.fixture(scope="session")
 def text_processing(tiny_text):
-    from tuning.model import load_processing
+    from tuning.data.processing import load_processing
 
     return load_processing(str(tiny_text))
 
 
 @pytest.fixture(scope="session")
 def vl_processing(tiny_vl):
-    from tuning.model import load_processing
+    from tuning.data.processing import load_processing
 
     return load_processing(str(tiny_vl))
 

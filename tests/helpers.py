@@ -60,8 +60,8 @@ def conversations(path: Path) -> list:
 
 
 def encoder_for(processing, **kwargs) -> Encoder:
-    tokenizer, processor, model_type = processing
-    return Encoder(tokenizer, processor, model_type=model_type, **kwargs)
+    tokenizer, processor, family = processing
+    return Encoder(tokenizer, processor, family=family, **kwargs)
 
 
 def seed_features(processing, files: list[str]) -> list[dict]:

@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from tests.helpers import assert_same_training_step, seed_features
 from tuning.attention import PACKED_SDPA, attend_per_sample, full_attention_only, sample_bounds
 from tuning.data.collate import FlatteningCollator, PaddingCollator
-from tuning.model import rope_index_fn, set_use_cache
+from tuning.families import packed_positions
+from tuning.model import set_use_cache
 
 
 def assert_per_sample_matches_the_masked_sdpa(load, batch):
@@ -50,7 +51,7 @@ def test_packed_text_training_step_equals_the_masked_sdpa(tiny_text, text_proces
 
 def test_packed_vl_training_step_equals_the_masked_sdpa(tiny_vl, vl_processing):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl, attn_implementation="sdpa")
-    batch = FlatteningCollator(rope_index_fn(model))(
+    batch = FlatteningCollator(packed_positions(model))(
         seed_features(vl_processing, ["example.json", "example_openai.jsonl", "example_video.json"])
     )
     assert_per_sample_matches_the_masked_sdpa(

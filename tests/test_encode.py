@@ -20,6 +20,7 @@ from tuning.data.encode import IGNORE_INDEX, DroppedSample
 from tuning.data.errors import DataError
 from tuning.data.formats import ImageRef, iter_conversations
 from tuning.data.media.images import load_image
+from tuning.families import GENERIC
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 DATA_FILES = [
@@ -201,30 +202,34 @@ def test_grounding_conventions_can_be_forced(vl_processing, tmp_path):
         tmp_path / "d.json",
         [qwen_vl("g", "Picture 1: <img>p.png</img>\nFind it", "<ref>x</ref><box>(10,20),(30,40)</box>")],
     )
-    relative = vl_processing[0].decode(encode_one(vl_processing, path, grounding_format="qwen2-vl").input_ids)
+    relative = vl_processing[0].decode(encode_one(vl_processing, path, grounding="qwen2-vl").input_ids)
     assert "<|box_start|>(10,20),(30,40)<|box_end|>" in relative
 
 
 def test_qwen_vl_tags_become_single_new_tokens(tiny_vl, tmp_path):
-    from tuning.data.dataset import build_dataset
-    from tuning.model import load_processing
+    """The processing step adds the tags where the data uses them, and says so; the encoder then reads them."""
+    from tuning.data.args import DataArguments
+    from tuning.data.dataset import encode_dataset, read_conversations
+    from tuning.data.processing import load_processing
 
-    tokenizer, processor, model_type = load_processing(str(tiny_vl))  # a private copy: tokens get added
-    before = len(tokenizer)
+    loaded = load_processing(str(tiny_vl))  # a private copy: tokens get added
+    before = len(loaded.tokenizer)
     picture(tmp_path / "p.png")
+    plain = write_json(tmp_path / "plain.json", [qwen_vl("p", "Picture 1: <img>p.png</img>\nWhat?", "a square")])
     path = write_json(
         tmp_path / "d.json",
         [qwen_vl("g", "Picture 1: <img>p.png</img>\nFind it", "<ref>x</ref><box>(10,20),(30,40)</box>")],
     )
-    from tuning.data.encode import Encoder
-
-    encoder = Encoder(tokenizer, processor, model_type=model_type, grounding_format="qwen-vl")
-    dataset, report = build_dataset([str(path)], encoder, show_progress=False)
-    assert report.added_tokens == ["<ref>", "</ref>", "<box>", "</box>"]
-    assert len(tokenizer) == before + 4
+    data_args = DataArguments(data_path=[str(path)], grounding_format="qwen-vl")
+    assert data_args.processing(loaded, read_conversations([str(plain)]).conversations).added_tokens == []
+    read = read_conversations([str(path)])
+    processing = data_args.processing(loaded, read.conversations)
+    assert processing.added_tokens == ["<ref>", "</ref>", "<box>", "</box>"]
+    assert len(loaded.tokenizer) == before + 4
+    dataset, _ = encode_dataset(read, data_args.encoder(processing), show_progress=False)
     ids = dataset[0]["input_ids"]
-    for tag in report.added_tokens:
-        assert tokenizer.convert_tokens_to_ids(tag) in ids
+    for tag in processing.added_tokens:
+        assert loaded.tokenizer.convert_tokens_to_ids(tag) in ids
 
 
 def test_overlong_keeps_whole_turns_and_never_cuts_an_image(vl_processing, tmp_path):
@@ -292,7 +297,7 @@ def test_a_template_without_a_clean_split_is_a_clear_error(tiny_text, tmp_path):
     )
     path = write_json(tmp_path / "d.json", [qwen_vl("x", "hi", "hello")])
     with pytest.raises(DataError, match=r"chat template of '.*tiny-qwen2' cannot be split into turns"):
-        encode_one((tokenizer, None, "qwen2"), path)
+        encode_one((tokenizer, None, GENERIC), path)
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):
-        encode_one((tokenizer, None, "qwen2"), path)
+        encode_one((tokenizer, None, GENERIC), path)

@@ -14,8 +14,9 @@ from tests.helpers import encoder_for, seed_features, small_run_args, write_json
 from tuning.data.batching import TokenBudgetBatchSampler, pack
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset
+from tuning.families import packed_positions
 from tuning.loss import CHUNK_BYTES, MIN_CHUNK_ROWS, chunk_rows, supervised_loss
-from tuning.model import rope_index_fn, set_use_cache
+from tuning.model import set_use_cache
 
 
 def loss_and_gradients(model, batch, chunked: bool):
@@ -63,7 +64,7 @@ def test_chunked_loss_and_gradients_equal_the_stock_path_on_text(tiny_text, text
 def test_chunked_loss_and_gradients_equal_the_stock_path_on_vl(tiny_vl, vl_processing, layout):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl)
     batch = seed_features(vl_processing, ["example.json", "example_openai.jsonl", "example_video.json"])
-    collate = FlatteningCollator(rope_index_fn(model)) if layout == "packed" else PaddingCollator(0)
+    collate = FlatteningCollator(packed_positions(model)) if layout == "packed" else PaddingCollator(0)
     assert_same(model, collate(batch))
 
 
@@ -116,6 +117,6 @@ def test_one_step_of_two_n_tokens_equals_two_accumulated_steps_of_n(tmp_path, ti
 
 
 def _text(tiny_text):
-    from tuning.model import load_processing
+    from tuning.data.processing import load_processing
 
     return load_processing(str(tiny_text))

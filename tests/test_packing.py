@@ -8,13 +8,14 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from tests.helpers import encoder_for, seed_features
 from tuning.data.collate import FlatteningCollator, PaddingCollator
-from tuning.model import rope_index_fn, set_use_cache
+from tuning.families import packed_positions
+from tuning.model import set_use_cache
 
 
-def losses(model, features, pad_id, rope_index=None) -> tuple[float, float]:
+def losses(model, features, pad_id, positions=None) -> tuple[float, float]:
     set_use_cache(model, False)  # a cache object hides the packed-sequence boundaries
     padded = PaddingCollator(pad_id)(features)
-    flat = FlatteningCollator(rope_index)(features)
+    flat = FlatteningCollator(positions)(features)
     with torch.no_grad():
         return float(model(**padded).loss), float(model(**flat).loss)
 
@@ -31,7 +32,7 @@ def test_vl_packed_loss_equals_padded_loss_with_several_images(tiny_vl, vl_proce
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl).eval()
     batch = seed_features(vl_processing, ["example.json", "example_openai.jsonl"])  # 0, 1 and 2 images per sample
     assert sorted(len(f["image_grid_thw"]) for f in batch if "image_grid_thw" in f) == [1, 1, 1, 2]
-    padded, flat = losses(model, batch, vl_processing[0].pad_token_id, rope_index_fn(model))
+    padded, flat = losses(model, batch, vl_processing[0].pad_token_id, packed_positions(model))
     assert abs(padded - flat) < 1e-4
 
 
@@ -49,14 +50,14 @@ def test_the_equality_test_can_fail(tiny_text, text_processing):
 
 @pytest.mark.parametrize("kind", ["qwen2-vl", "qwen3-vl"])
 def test_other_vl_families_pack_exactly_too(kind):
-    from tuning.model import load_processing
+    from tuning.data.processing import load_processing
     from tuning.tiny import ensure_tiny
 
     folder = ensure_tiny(kind)
     processing = load_processing(str(folder))
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     batch = seed_features(processing, ["example.json", "example_openai.jsonl"])
-    padded, flat = losses(model, batch, processing[0].pad_token_id, rope_index_fn(model))
+    padded, flat = losses(model, batch, processing[0].pad_token_id, packed_positions(model))
     assert abs(padded - flat) < 1e-4
 
 
@@ -70,8 +71,8 @@ def test_the_placeholder_picture_changes_no_loss(tiny_vl, vl_processing):
         f for f in seed_features(vl_processing, ["example.json", "example_chatml.jsonl"]) if "pixel_values" not in f
     ]
     placeholder = sample_to_features(encoder_for(vl_processing).placeholder_image_sample())
-    plain = FlatteningCollator(rope_index_fn(model))(text_only)
-    padded_out = FlatteningCollator(rope_index_fn(model), placeholder=placeholder)(text_only)
+    plain = FlatteningCollator(packed_positions(model))(text_only)
+    padded_out = FlatteningCollator(packed_positions(model), placeholder=placeholder)(text_only)
     assert "pixel_values" in padded_out and "pixel_values" not in plain
     with torch.no_grad():
         assert abs(float(model(**plain).loss) - float(model(**padded_out).loss)) < 1e-5

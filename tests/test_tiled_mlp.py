@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from tests.helpers import assert_same_training_step, loss_and_gradients, seed_features
 from tuning.data.collate import FlatteningCollator
-from tuning.model import LoraOptions, attach_lora, rope_index_fn, set_use_cache
+from tuning.families import packed_positions
+from tuning.model import LoraOptions, attach_lora, set_use_cache
 from tuning.tiled_mlp import is_gated_mlp, tile_mlps
 
 TILE = 16
@@ -50,7 +51,7 @@ def test_lora_step_with_gradient_checkpointing_equals_the_untiled_mlp(tiny_text,
 
 def test_vl_step_equals_the_untiled_mlp_in_the_decoder_and_the_vision_tower(tiny_vl, vl_processing):
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl)
-    batch = FlatteningCollator(rope_index_fn(model))(
+    batch = FlatteningCollator(packed_positions(model))(
         seed_features(vl_processing, ["example.json", "example_openai.jsonl", "example_video.json"])
     )
     vision_mlps = [m for m in model.model.visual.modules() if is_gated_mlp(m)]
@@ -148,7 +149,7 @@ def test_finetune_tiles_with_checkpointing_unless_told_and_never_under_zero3(
 ):
     from types import SimpleNamespace
 
-    from finetune import mlp_tiling
+    from tuning.recipe import mlp_tiling
 
     model = AutoModelForCausalLM.from_pretrained(tiny_text)
     args = SimpleNamespace(tiled_mlp=tiled_mlp, gradient_checkpointing=checkpointing, mlp_tile_tokens=None)

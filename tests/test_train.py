@@ -166,13 +166,11 @@ def test_arguments_from_a_yaml_file(tmp_path):
         "model_name_or_path: m\ndata_path: [a.json, b.jsonl]\noutput_dir: out\nuse_lora: true\n"
         "lora_r: 8\nlearning_rate: 2.0e-4\nlr_scheduler_type: cosine\n"
     )
-    model_args, data_args, training_args, lora_args = parse_arguments([str(config)])
-    assert (model_args.model_name_or_path, data_args.data_path) == ("m", ["a.json", "b.jsonl"])
-    assert training_args.use_lora and lora_args.lora_r == 8 and training_args.learning_rate == 2e-4
-    _, _, training_args, lora_args = parse_arguments(
-        [str(config), "--lora_r", "16", "--resume_from_checkpoint", "auto"]
-    )
-    assert lora_args.lora_r == 16 and training_args.resume_from_checkpoint == "auto"  # flags after the file win
+    args = parse_arguments([str(config)])
+    assert (args.model.model_name_or_path, args.data.data_path) == ("m", ["a.json", "b.jsonl"])
+    assert args.training.use_lora and args.lora.lora_r == 8 and args.training.learning_rate == 2e-4
+    args = parse_arguments([str(config), "--lora_r", "16", "--resume_from_checkpoint", "auto"])
+    assert args.lora.lora_r == 16 and args.training.resume_from_checkpoint == "auto"  # flags after the file win
     config.write_text("output_dir: out\nlora_rank: 8\n")
     with pytest.raises(SystemExit, match=r"unknown arguments .*lora_rank"):
         parse_arguments([str(config)])

@@ -19,7 +19,9 @@ from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset
 from tuning.data.errors import DataErrors
 from tuning.data.media.resolution import MediaOptions, configure, tokens_per_picture
-from tuning.model import load_processing, rope_index_fn, set_use_cache
+from tuning.data.processing import load_processing
+from tuning.families import packed_positions
+from tuning.model import set_use_cache
 from tuning.tiny import ensure_tiny
 
 # Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 3136, max_pixels 12845056 (patch 14, merge 2)
@@ -27,9 +29,9 @@ REAL_SIZE = {"shortest_edge": 3136, "longest_edge": 12845056}
 
 
 def real_like_processing(tiny_vl):
-    tokenizer, processor, model_type = load_processing(str(tiny_vl))
-    processor.image_processor.size = dict(REAL_SIZE)
-    return tokenizer, processor, model_type
+    loaded = load_processing(str(tiny_vl))
+    loaded.processor.image_processor.size = dict(REAL_SIZE)
+    return loaded
 
 
 def test_a_12_megapixel_photo_stays_within_the_default_budget(tiny_vl):
@@ -79,7 +81,7 @@ def test_an_overlong_sample_says_why_and_how_to_fix_it(tiny_vl, tmp_path):
 
 
 def video_batch(processing):
-    encoder = DataArguments().encoder(*processing)
+    encoder = DataArguments().encoder(DataArguments().processing(processing, []))
     files = [str(DATA / "example_video.json"), str(DATA / "example.json")]
     dataset, report = build_dataset(files, encoder, show_progress=False)
     return [dataset[i] for i in range(len(dataset))], report
@@ -94,7 +96,7 @@ def test_packed_loss_equals_padded_loss_with_videos_and_pictures(kind):
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     set_use_cache(model, False)
     padded = PaddingCollator(processing[0].pad_token_id)(batch)
-    flat = FlatteningCollator(rope_index_fn(model))(batch)
+    flat = FlatteningCollator(packed_positions(model))(batch)
     assert flat["pixel_values_videos"].shape[0] == sum(
         int(f["video_grid_thw"].prod()) for f in batch if "video_grid_thw" in f
     )
@@ -104,8 +106,8 @@ def test_packed_loss_equals_padded_loss_with_videos_and_pictures(kind):
     other = dict(batch[0])
     other["pixel_values_videos"] = torch.zeros_like(other["pixel_values_videos"])
     with torch.no_grad():
-        changed = float(model(**FlatteningCollator(rope_index_fn(model))([other])).loss)
-        assert abs(changed - float(model(**FlatteningCollator(rope_index_fn(model))([batch[0]])).loss)) > 1e-5
+        changed = float(model(**FlatteningCollator(packed_positions(model))([other])).loss)
+        assert abs(changed - float(model(**FlatteningCollator(packed_positions(model))([batch[0]])).loss)) > 1e-5
 
 
 def test_video_tokens_follow_the_processor(vl_processing):
@@ -130,7 +132,7 @@ def test_a_corrupt_or_cut_video_is_named_and_can_be_skipped(vl_processing, tmp_p
         return {"id": name, "video": f"{name}.mp4", "conversations": turns}
 
     path = write_json(tmp_path / "d.json", [sample("good"), sample("garbage"), sample("cut"), sample("missing")])
-    encoder = DataArguments().encoder(*vl_processing)
+    encoder = DataArguments().encoder(DataArguments().processing(vl_processing, []))
     with pytest.raises(DataErrors) as caught:
         build_dataset([str(path)], encoder, show_progress=False)
     problems = {e.where.split()[1]: e.problem for e in caught.value.errors}

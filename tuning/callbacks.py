@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from tuning.families import GATED_MLP
 from tuning.tiled_mlp import tile_mlps
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,15 @@ class StopOnSignal(TrainerCallback):
 class TileMLPs(TrainerCallback):
     """Runs the MLPs a tile of tokens at a time (tuning/tiled_mlp.py) from the start of training. Not earlier:
     Trainer.train applies --use_liger_kernel first, binding Liger's SwiGLU as each MLP's forward, which the tiles
-    then run; tiled before, the MLPs would run Liger's kernel on the whole row."""
+    then run; tiled before, the MLPs would run Liger's kernel on the whole row. `projections` are the names of the
+    gated MLP's gate, up and down projections in the model's family."""
 
-    def __init__(self, tile_tokens: int | None):
+    def __init__(self, tile_tokens: int | None, projections: tuple[str, str, str] = GATED_MLP):
         self.tile_tokens = tile_tokens
+        self.projections = projections
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        count = tile_mlps(model, self.tile_tokens)
+        count = tile_mlps(model, self.tile_tokens, self.projections)
         tile = self.tile_tokens or "intermediate/hidden of the row's"
         if count:
             logger.info("mlp: %d MLPs run a tile of %s tokens at a time in training (tuning/tiled_mlp.py)", count, tile)

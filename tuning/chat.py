@@ -21,8 +21,10 @@ from PIL import Image
 
 from tuning.data import grounding
 from tuning.data.media.resolution import MediaOptions, configure, pixels
+from tuning.data.processing import load_processing
 from tuning.data.template import ChatTemplate
-from tuning.model import LoadOptions, is_vision_language, load_adapter, load_model, load_processing, set_use_cache
+from tuning.families import is_vision_language
+from tuning.model import LoadOptions, load_adapter, load_model, set_use_cache
 
 
 @dataclass

@@ -21,14 +21,8 @@ from pathlib import Path
 import torch
 
 from tuning.data.media.resolution import SAVED_NAME
-from tuning.model import (
-    LoadOptions,
-    is_gptq_checkpoint,
-    load_adapter,
-    load_model,
-    load_processing,
-    resize_for_tokenizer,
-)
+from tuning.data.processing import load_processing
+from tuning.model import LoadOptions, is_gptq_checkpoint, load_adapter, load_model, resize_for_tokenizer
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

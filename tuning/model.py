@@ -1,6 +1,7 @@
-"""Load a model with its tokenizer or processor, quantize it, choose what trains, attach LoRA.
+"""Load a model, quantize it, choose what trains, attach LoRA.
 
-The family (text or vision-language) is read from the model's config, never from its path or name.
+What a family names its vision tower and projector comes from its record (tuning.families), found from the
+model's config, never from its path or name.
 """
 
 from __future__ import annotations
@@ -13,33 +14,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from transformers import AutoConfig
+
+from tuning.families import family_of, is_vision_language
 
 logger = logging.getLogger(__name__)
 
-VISION_TOWERS = ("visual", "vision_tower", "vision_model")
-PROJECTORS = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector")
 OUTPUT_HEADS = ("lm_head",)
 # bitsandbytes 4/8-bit, and every GPTQ kernel of gptqmodel (they derive from BaseQuantLinear)
 QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "BaseQuantLinear")
-
-
-def is_vision_language(config) -> bool:
-    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-
-def load_processing(model_name_or_path: str, trust_remote_code: bool = False, config_from: str | None = None):
-    """(tokenizer, processor or None, model_type) for a model folder or hub name.
-
-    `config_from` names the model whose config decides the family, for folders that hold only the
-    tokenizer/processor (an adapter folder)."""
-    config = AutoConfig.from_pretrained(config_from or model_name_or_path, trust_remote_code=trust_remote_code)
-    if is_vision_language(config):
-        processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        return processor.tokenizer, processor, config.model_type
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    return tokenizer, None, config.model_type
 
 
 def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
@@ -90,7 +73,7 @@ def quantization_config(options: LoadOptions, config):
         # of the model lets it shard them with everything else.
         bnb_4bit_quant_storage=(options.dtype or torch.float32) if options.zero3 else torch.uint8,
         # The vision side stays in full precision: it is small, and its projector trains in full.
-        llm_int8_skip_modules=[rf".*{name}" for name in (*VISION_TOWERS, *PROJECTORS)] + list(OUTPUT_HEADS),
+        llm_int8_skip_modules=[rf".*{name}" for name in vision_module_names(config)] + list(OUTPUT_HEADS),
     )
 
 
@@ -162,11 +145,16 @@ def submodule_names(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     return found
 
 
+def vision_module_names(config) -> tuple[str, ...]:
+    family = family_of(config)
+    return (*family.vision_towers, *family.projectors)
+
+
 def vision_parts(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(vision tower prefixes, projector prefixes). The projector sits inside the tower in Qwen-VL models."""
-    towers = submodule_names(model, VISION_TOWERS)
-    projectors = submodule_names(model, PROJECTORS)
-    return towers, projectors
+    """(vision tower prefixes, projector prefixes), by the names the model's family record gives them. The
+    projector sits inside the tower in Qwen-VL models."""
+    family = family_of(model.config)
+    return submodule_names(model, family.vision_towers), submodule_names(model, family.projectors)
 
 
 def set_trainable(model: nn.Module, fix_vit: bool, tune_projector: bool) -> None:
@@ -232,14 +220,6 @@ def untrained_token_ids(model: nn.Module, tokenizer, candidates: list[str], adde
         if token_id is not None and token_id < len(norms) and norms[token_id] < 0.1 * typical:
             ids.add(token_id)
     return sorted(ids)
-
-
-def rope_index_fn(model: nn.Module):
-    """The model's own 3-D rope position function (Qwen-VL families), or None for 1-D rope models."""
-    for module in model.modules():
-        if hasattr(module, "get_rope_index") and hasattr(module, "language_model"):
-            return module.get_rope_index
-    return None
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

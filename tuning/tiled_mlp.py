@@ -23,18 +23,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tuning.families import GATED_MLP
 
-def is_gated_mlp(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
+
+def is_gated_mlp(module: nn.Module, projections: tuple[str, str, str] = GATED_MLP) -> bool:
+    """Whether the module has the gate, up and down projections of a gated MLP, by the names of its family."""
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in projections)
 
 
 MIN_TILE_TOKENS = 256  # below this a tile's matrix products lose speed, and a row this short holds little
 
 
-def default_tile_tokens(module: nn.Module, tokens: int) -> int:
+def default_tile_tokens(module: nn.Module, tokens: int, gate_name: str = GATED_MLP[0]) -> int:
     """As many tiles as the MLP widens its input (intermediate / hidden: 6 for Qwen2.5), so that no tile's
     intermediate is larger than the MLP's input for the whole row; tiles of at least MIN_TILE_TOKENS."""
-    gate = module.gate_proj  # in_features: also on 4-bit and LoRA layers, whose weight has another shape
+    gate = getattr(module, gate_name)  # in_features: also on 4-bit and LoRA layers, whose weight has another shape
     hidden = getattr(gate, "in_features", None) or gate.weight.shape[-1]
     intermediate = getattr(gate, "out_features", None) or gate.weight.shape[0]
     tiles = math.ceil(intermediate / hidden)
@@ -101,7 +104,7 @@ def _tiled_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return stock(x)
     params = [p for p in self.parameters() if p.requires_grad]
     tokens = x.numel() // x.shape[-1]
-    tile = self._tile_tokens or default_tile_tokens(self, tokens)
+    tile = self._tile_tokens or default_tile_tokens(self, tokens, self._mlp_gate)
     if tokens <= tile or not (params or x.requires_grad):
         return stock(x)
     if _weights_outside_parameters(self):
@@ -109,16 +112,17 @@ def _tiled_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _TiledMLP.apply(stock, tile, x, *params)
 
 
-def tile_mlps(model: nn.Module, tile_tokens: int | None = None) -> int:
+def tile_mlps(model: nn.Module, tile_tokens: int | None = None, projections: tuple[str, str, str] = GATED_MLP) -> int:
     """Run every gated MLP of `model` a tile of `tile_tokens` tokens at a time in training (default: see
     default_tile_tokens). Inference and inputs of one tile take the MLP's forward as it is now: a kernel bound
     before (Liger's SwiGLU) runs inside the tiles. Returns how many MLPs."""
     count = 0
     for module in model.modules():
-        if not is_gated_mlp(module) or getattr(module.forward, "__func__", None) is _tiled_forward:
+        if not is_gated_mlp(module, projections) or getattr(module.forward, "__func__", None) is _tiled_forward:
             continue
         module._untiled_forward = module.forward
         module._tile_tokens = tile_tokens
+        module._mlp_gate = projections[0]
         module.forward = types.MethodType(_tiled_forward, module)
         count += 1
     return count

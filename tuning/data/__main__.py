@@ -14,12 +14,12 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from tuning.data.args import DataArguments, merge_repeated_flags
-from tuning.data.dataset import build_dataset
+from tuning.arguments import parse_groups
+from tuning.data.args import DataArguments
+from tuning.data.dataset import encode_dataset, read_conversations
 from tuning.data.encode import IGNORE_INDEX
 from tuning.data.errors import DataErrors
+from tuning.families import UnsupportedFamily
 
 
 @dataclass
@@ -30,15 +30,18 @@ class CheckArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own Python code to run."})
 
 
-def render_supervision(tokenizer, input_ids: list[int], labels: list[int], colour: bool) -> str:
-    """The sample's text with supervised runs marked: green on a terminal, [[...]] otherwise."""
+def render_supervision(
+    tokenizer, input_ids: list[int], labels: list[int], colour: bool, media_tokens: tuple[str, ...] = ()
+) -> str:
+    """The sample's text with supervised runs marked: green on a terminal, [[...]] otherwise; a picture's or
+    video's run of `media_tokens` is shown as the token and its count."""
     out, run, run_supervised = [], [], None
 
     def flush():
         if not run:
             return
         text = tokenizer.decode(run)
-        for token in ("<|image_pad|>", "<|video_pad|>"):  # a picture is hundreds of pads: show a count
+        for token in media_tokens:  # a picture is hundreds of pads: show a count
             count = text.count(token)
             if count > 1:
                 text = text.replace(token * count, f"{token}x{count}")
@@ -57,41 +60,53 @@ def render_supervision(tokenizer, input_ids: list[int], labels: list[int], colou
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuning.model import load_processing
+    from tuning.data.processing import load_processing
 
-    parser = HfArgumentParser((DataArguments, CheckArguments), description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        data_args, check_args = parser.parse_args_into_dataclasses(merge_repeated_flags(argv or sys.argv[1:]))
-    except SystemExit as e:
-        return 0 if e.code == 0 else 2
-    if problems := data_args.problems():
-        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        built, _ = parse_groups(
+            (DataArguments, CheckArguments),
+            argv,
+            "python -m tuning.data",
+            check=lambda data_args, _: data_args.problems(),
+            description=__doc__,
+        )
+    except SystemExit as e:  # --help (0), a usage error (2), or the bad arguments listed
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        return e.code or 0
+    data_args, check_args = built
+    try:
+        read = read_conversations(data_args.data_path, data_args.ignore_unknown_fields)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        tokenizer, processor, model_type = load_processing(check_args.model_name_or_path, check_args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load {check_args.model_name_or_path!r}: {e}", file=sys.stderr)
+        loaded = load_processing(check_args.model_name_or_path, check_args.trust_remote_code)
+        processing = data_args.processing(loaded, read.conversations)
+        encoder = data_args.encoder(processing)
+    except (OSError, ValueError) as e:  # UnsupportedFamily is a ValueError
+        what = "" if isinstance(e, UnsupportedFamily) else f"cannot load {check_args.model_name_or_path!r}: "
+        print(f"error: {what}{e}", file=sys.stderr)
         return 2
-    encoder = data_args.encoder(tokenizer, processor, model_type)
     try:
-        dataset, report = build_dataset(
-            data_args.data_path,
+        dataset, report = encode_dataset(
+            read,
             encoder,
             skip_bad_samples=True,
             show_progress=sys.stderr.isatty(),
             workers=data_args.preprocessing_num_workers,
-            ignore_unknown_fields=data_args.ignore_unknown_fields,
         )
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except DataErrors as e:
         print(e, file=sys.stderr)
         return 1
+    report.added_tokens = processing.added_tokens
     print(report.summary())
+    media_tokens = tuple(t for t in (encoder.image_token, encoder.video_token) if t)
     for sample in dataset.samples[: check_args.show]:
         print(f"\n--- {sample.id} ({len(sample.input_ids)} tokens, {sample.num_images} images)")
-        print(render_supervision(tokenizer, sample.input_ids, sample.labels, sys.stdout.isatty()))
+        print(render_supervision(encoder.tokenizer, sample.input_ids, sample.labels, sys.stdout.isatty(), media_tokens))
     if check_args.dump:
         with open(check_args.dump, "w", encoding="utf-8") as f:
             for s in dataset.samples:

@@ -5,20 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuning.data import grounding
 from tuning.data.encode import OVERLONG_POLICIES, Encoder
-from tuning.data.grounding import CONVENTIONS
 from tuning.data.media.images import ImageLimits
 from tuning.data.media.resolution import (
     DEFAULT_IMAGE_MAX_PIXELS,
     DEFAULT_VIDEO_MAX_PIXELS,
     DEFAULT_VIDEO_MIN_PIXELS,
     MediaOptions,
-    configure,
     pixels,
 )
-from tuning.data.template import use_template_file
-
-LIST_FLAGS = ("--data_path", "--eval_data_path")
+from tuning.data.processing import Loaded, Processing, prepare_processing
+from tuning.families import AUTO, GROUNDING_STYLES
 
 
 @dataclass
@@ -71,11 +69,12 @@ class DataArguments:
         default=None, metadata={"help": "Where relative image paths are looked up after the data file's folder."}
     )
     grounding_format: str = field(
-        default="auto",
+        default=AUTO,
         metadata={
-            "help": "How <ref>/<box> are written for the model: auto (its own convention), qwen-vl (tags as new "
-            "tokens), qwen2-vl (native tokens, [0,1000)), qwen2.5-vl (native tokens, pixel coordinates).",
-            "choices": ["auto", *CONVENTIONS],
+            "help": "How <ref>/<box> are written for the model: auto (its own convention), "
+            + ", ".join(f"{name} ({style.description})" for name, style in GROUNDING_STYLES.items())
+            + ".",
+            "choices": [AUTO, *GROUNDING_STYLES],
         },
     )
     skip_bad_samples: bool = field(
@@ -185,19 +184,26 @@ class DataArguments:
     def template_kwargs(self) -> dict:
         return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
-    def encoder(self, tokenizer, processor, model_type: str) -> Encoder:
-        """The encoder for these options; a --chat_template file is put on the tokenizer (and processor)
-        first, so that everything saved afterwards carries it."""
-        if self.chat_template:
-            use_template_file(self.chat_template, tokenizer, processor)
-        if processor is not None:
-            configure(processor, self.media_options())
-        return Encoder(
-            tokenizer,
-            processor,
-            model_type=model_type,
-            max_length=self.model_max_length,
+    def processing(self, loaded: Loaded, conversations: list) -> Processing:
+        """The tokenizer and processor changed for these options and this data, in the one step that changes them
+        (tuning.data.processing): the --chat_template file, the pixel options, grounding tags where the data uses
+        them."""
+        return prepare_processing(
+            loaded,
+            chat_template=self.chat_template,
+            media=self.media_options(),
             grounding_format=self.grounding_format,
+            uses_grounding=grounding.uses_grounding(conversations),
+        )
+
+    def encoder(self, processing: Processing) -> Encoder:
+        """The encoder for these options, reading the run's tokenizer and processor."""
+        return Encoder(
+            processing.tokenizer,
+            processing.processor,
+            family=processing.family,
+            max_length=self.model_max_length,
+            grounding=processing.grounding,
             overlong=self.overlong,
             image_folder=self.image_folder,
             image_limits=self.image_limits(),
@@ -205,23 +211,3 @@ class DataArguments:
             template_kwargs=self.template_kwargs(),
             train_on_last_turn_only=self.train_on_last_turn_only,
         )
-
-
-def merge_repeated_flags(argv: list[str], flags=LIST_FLAGS) -> list[str]:
-    """`--data_path a --data_path b` means both files (argparse alone would keep only the last)."""
-    merged: dict[str, list[str]] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] in flags:
-            values = merged.setdefault(argv[i], [])
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    for flag, values in merged.items():
-        rest += [flag, *values]
-    return rest

@@ -62,33 +62,30 @@ class FlatteningCollator:
 
     Transformers builds a block-diagonal mask from the restarting positions (flash-attention varlen on
     GPU, sdpa/eager on CPU with use_cache=False). The first label of every sample is -100: it would
-    otherwise be predicted from the previous sample's last token. For Qwen-VL models `rope_index` is the
-    model's get_rope_index: each sample gets its own 3-D rope positions, after a row of text positions
-    that the model uses to find the sample boundaries (position_ids of shape (4, 1, total)).
+    otherwise be predicted from the previous sample's last token. `positions` is the model family's own position
+    function for packed rows (tuning.families.packed_positions: Qwen-VL's 3-D rope positions), or None for 1-D
+    positions restarting at every sample.
     """
 
-    rope_index: Callable | None = None
+    positions: Callable[[list[dict]], torch.Tensor] | None = None
     # one blank picture and no labels, added to picture-less batches (Encoder.placeholder_image_sample)
     placeholder: dict | None = None
 
     def __call__(self, features: list[dict]) -> dict:
         if self.placeholder is not None and not any(_has_media(f) for f in features):
             features = [*features, self.placeholder]
-        input_ids, labels, positions, rope = [], [], [], []
+        input_ids, labels, positions = [], [], []
         for f in features:
             input_ids += f["input_ids"]
             labels += [IGNORE_INDEX, *f["labels"][1:]]
             positions += range(len(f["input_ids"]))
-            if self.rope_index is not None:
-                rope.append(self._rope_positions(f))
         batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
-        if self.rope_index is None:
+        if self.positions is None:
             if any(_has_media(f) for f in features):
-                raise ValueError("pictures and videos need the model's rope index to be flattened: pass rope_index")
+                raise ValueError("pictures and videos need the model family's positions to be flattened: pass them")
             batch["position_ids"] = torch.tensor([positions])
             return batch
-        text_positions = torch.tensor([positions]).view(1, 1, -1)
-        batch["position_ids"] = torch.cat([text_positions, torch.cat(rope, dim=2)], dim=0)
+        batch["position_ids"] = self.positions(features)
         batch["mm_token_type_ids"] = torch.tensor([[t for f in features for t in self._token_types(f)]])
         _stack_media(features, batch)
         return batch
@@ -96,19 +93,3 @@ class FlatteningCollator:
     @staticmethod
     def _token_types(feature: dict) -> list[int]:
         return feature.get("mm_token_type_ids") or [0] * len(feature["input_ids"])
-
-    def _rope_positions(self, feature: dict) -> torch.Tensor:
-        length = len(feature["input_ids"])
-        if not _has_media(feature):
-            return torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
-        extra = {}
-        if feature.get("second_per_grid_ts"):  # Qwen2.5-VL: the time between a video's frame groups
-            extra["second_per_grid_ts"] = torch.tensor(feature["second_per_grid_ts"])
-        positions, _ = self.rope_index(
-            torch.tensor([feature["input_ids"]]),
-            mm_token_type_ids=torch.tensor([self._token_types(feature)]),
-            image_grid_thw=feature.get("image_grid_thw"),
-            video_grid_thw=feature.get("video_grid_thw"),
-            **extra,
-        )
-        return positions

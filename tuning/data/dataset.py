@@ -11,8 +11,6 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tuning.data import grounding
-from tuning.data.conversation import BoxRef
 from tuning.data.encode import DroppedSample, Encoder, Sample
 from tuning.data.errors import DataError, DataErrors
 from tuning.data.formats import Conversation, iter_conversations
@@ -153,29 +151,23 @@ class LazyDataset(Dataset):
         return self._lengths
 
 
-def parse_all(
-    paths: Iterable[str], report: DataReport, ignore_unknown_fields: bool = False
-) -> tuple[list[Conversation], list[DataError]]:
-    conversations, errors = [], []
+@dataclass
+class ReadData:
+    """The conversations of some files, read and checked, before any is encoded; the records that could not be
+    read are kept as errors, to be reported with the encoding errors."""
+
+    report: DataReport
+    conversations: list[Conversation]
+    errors: list[DataError]
+
+
+def read_conversations(paths: Iterable[str], ignore_unknown_fields: bool = False) -> ReadData:
+    read = ReadData(DataReport(files=[str(p) for p in paths]), [], [])
     for item in iter_conversations(paths, ignore_unknown_fields):
-        report.read += 1
-        (errors if isinstance(item, DataError) else conversations).append(item)
-    report.count_read(conversations)
-    return conversations, errors
-
-
-def add_grounding_tokens(conversations: list[Conversation], encoder: Encoder) -> list[str]:
-    """Qwen-VL tags become special tokens when the model has no grounding tokens of its own."""
-    if encoder.convention != "qwen-vl":
-        return []
-    parts = [part for c in conversations for m in c.messages for part in m.parts]
-    if not any(isinstance(p, BoxRef) or (isinstance(p, str) and grounding.has_grounding(p)) for p in parts):
-        return []
-    vocab = encoder.tokenizer.get_vocab()
-    missing = [tag for tag in grounding.QWEN_VL_TAGS if tag not in vocab]
-    if missing:
-        encoder.tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    return missing
+        read.report.read += 1
+        (read.errors if isinstance(item, DataError) else read.conversations).append(item)
+    read.report.count_read(read.conversations)
+    return read
 
 
 _worker_encoder: Encoder | None = None
@@ -209,20 +201,18 @@ def _encode_all(conversations: list[Conversation], encoder: Encoder, workers: in
         yield from tqdm(results, total=len(conversations), desc="encoding", disable=not show_progress, leave=False)
 
 
-def build_dataset(
-    paths: list[str],
+def encode_dataset(
+    read: ReadData,
     encoder: Encoder,
     *,
     lazy: bool = False,
     skip_bad_samples: bool = False,
     show_progress: bool = True,
     workers: int = 1,
-    ignore_unknown_fields: bool = False,
 ) -> tuple[Dataset, DataReport]:
-    """Read, validate and encode every sample. Raises DataErrors listing every bad sample, unless skipping."""
-    report = DataReport(files=[str(p) for p in paths])
-    conversations, errors = parse_all(paths, report, ignore_unknown_fields)
-    report.added_tokens = add_grounding_tokens(conversations, encoder)
+    """Validate and encode every conversation read. Raises DataErrors listing every bad sample (those that could not
+    be read too), unless skipping them."""
+    report, conversations, errors = read.report, read.conversations, list(read.errors)
     entries, samples = [], []
     for conv, (outcome, value) in zip(
         conversations, _encode_all(conversations, encoder, workers, show_progress), strict=True
@@ -246,3 +236,20 @@ def build_dataset(
         raise DataErrors(errors + reasons or [DataError(", ".join(report.files), "all samples", "no usable sample")])
     dataset = LazyDataset(entries, encoder, report.lengths[:]) if lazy else EagerDataset(samples)
     return dataset, report
+
+
+def build_dataset(
+    paths: list[str],
+    encoder: Encoder,
+    *,
+    lazy: bool = False,
+    skip_bad_samples: bool = False,
+    show_progress: bool = True,
+    workers: int = 1,
+    ignore_unknown_fields: bool = False,
+) -> tuple[Dataset, DataReport]:
+    """Read, validate and encode every sample of the files (read_conversations, then encode_dataset)."""
+    read = read_conversations(paths, ignore_unknown_fields)
+    return encode_dataset(
+        read, encoder, lazy=lazy, skip_bad_samples=skip_bad_samples, show_progress=show_progress, workers=workers
+    )

@@ -21,6 +21,7 @@ from tuning.data.conversation import BoxRef, Conversation, ImageRef, VideoRef
 from tuning.data.media.images import ImageLimits
 from tuning.data.media.processor import MediaProcessor
 from tuning.data.template import ChatTemplate, Rendered, TemplateError
+from tuning.families import AUTO, GENERIC, Family, GroundingStyle, end_of_text, grounding_style, require_support
 
 IGNORE_INDEX = -100
 OVERLONG_POLICIES = ("turns", "drop", "error")
@@ -73,16 +74,17 @@ class _Tokens:
 
 
 class Encoder:
-    """Encodes conversations for one model: its tokenizer, its processor (for images) and its conventions."""
+    """Encodes conversations for one model: its tokenizer, its processor (for images) and its family's conventions
+    (tuning.families). `grounding` is a style, or a --grounding_format name ("auto": the model's own)."""
 
     def __init__(
         self,
         tokenizer,
         processor=None,
         *,
-        model_type: str = "",
+        family: Family = GENERIC,
         max_length: int = 2048,
-        grounding_format: str = "auto",
+        grounding: str | GroundingStyle = AUTO,
         overlong: str = "turns",
         image_folder: str | None = None,
         image_limits: ImageLimits = ImageLimits(),
@@ -93,8 +95,10 @@ class Encoder:
     ):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong policy {overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
+        require_support(family)
         self.tokenizer = tokenizer
         self.processor = processor
+        self.family = family
         self.image_processor = getattr(processor, "image_processor", None)
         self.max_length = max_length
         self.overlong = overlong
@@ -102,10 +106,9 @@ class Encoder:
         self.image_limits = image_limits
         self.max_images = max_images
         self.train_on_last_turn_only = train_on_last_turn_only
-        vocab = tokenizer.get_vocab()
-        self.convention = (
-            grounding.convention_for(model_type, vocab) if grounding_format == "auto" else grounding_format
-        )
+        if isinstance(grounding, str):
+            grounding = grounding_style(family, tokenizer.get_vocab(), grounding)
+        self.grounding = grounding
         self.media = MediaProcessor(processor, image_folder, image_limits, max_images)
         self.image_token = self.media.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
@@ -159,8 +162,7 @@ class Encoder:
         that every rank's vision tower and projector take part in the step (DeepSpeed reduces gradients of
         the same parameters on every rank). It is its own packed sample, so it changes no loss."""
         media = self.media.blank_picture()
-        vocab = self.tokenizer.get_vocab()
-        start, end = (t for t in ("<|vision_start|>", "<|vision_end|>") if t in vocab)
+        start, end = self.family.vision_wrapper or ("", "")
         ids = self.tokenizer(start + media.image_texts[0] + end, add_special_tokens=False)["input_ids"]
         sample = Sample("placeholder-image", ids, [IGNORE_INDEX] * len(ids), media.first(1, 0))
         sample.mm_token_type_ids = self._token_types(ids)
@@ -195,7 +197,7 @@ class Encoder:
                     continue
                 try:
                     text = self._box_text(part, original, resized) if isinstance(part, BoxRef) else part
-                    text = grounding.convert(text, self.convention, last_size)
+                    text = grounding.convert(text, self.grounding, last_size)
                 except grounding.GroundingError as e:
                     raise conv.error(str(e), "fix the <ref>/<box> tags", i, "content") from None
                 parts.append({"type": "text", "text": text})
@@ -316,8 +318,7 @@ class Encoder:
         return f"{len(sample.input_ids)} tokens{media}, over --model_max_length {self.max_length}: {' or '.join(fixes)}"
 
     def _encode_pretrain(self, conv: Conversation) -> Sample:
-        vocab = self.tokenizer.get_vocab()
-        end = "<|endoftext|>" if "<|endoftext|>" in vocab else self.tokenizer.eos_token
+        end = end_of_text(self.family, self.tokenizer)
         ids = self.tokenizer(conv.pretrain_text + end, add_special_tokens=False)["input_ids"]
         truncated = len(ids) > self.max_length
         if truncated and self.overlong != "turns":

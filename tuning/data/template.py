@@ -228,14 +228,3 @@ def _without_reasoning(message: dict) -> dict:
 
 def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
-
-
-def use_template_file(path: str, tokenizer, processor=None) -> str:
-    """Put a .jinja chat template on the tokenizer and the processor, which then save it with the model."""
-    from pathlib import Path
-
-    template = Path(path).read_text(encoding="utf-8")
-    tokenizer.chat_template = template
-    if processor is not None:
-        processor.chat_template = template
-    return template

@@ -1,0 +1,206 @@
+"""What the toolkit knows about each model family, in one place: one record per family, found from the model's
+config (its model_type), never from its name or path.
+
+Generic code asks the record (`family_of(config)`) instead of testing model types or writing a family's tokens.
+A model whose family has no record gets a generic one, read from its config: a text model trains as any causal
+language model (its tokenizer, chat template and eos token say the rest), while a vision-language model is refused
+before anything loads (`require_support`), since nothing generic says how its processor's pictures become the
+model's inputs. Adding a family is adding a record here, and where its processor or layers need code of their own,
+one small adapter beside it (as RopeIndexPositions is Qwen-VL's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+@dataclass(frozen=True)
+class GroundingStyle:
+    """How <ref>label</ref><box>(x1,y1),(x2,y2)</box> is written for a model: around the label and the box, its own
+    tokens or the data's tags; the coordinates in [0,1000) or in pixels of the picture as the model sees it."""
+
+    name: str  # the --grounding_format value
+    description: str
+    ref: tuple[str, str]
+    box: tuple[str, str]
+    pixels: bool = False
+    added: bool = False  # the tags are not the model's own tokens: a run adds them, and their embedding rows train
+
+
+# The data's own form (Qwen-VL's), and the convention of models that have no grounding tokens of their own.
+DATA_TAGS = GroundingStyle("qwen-vl", "tags as new tokens", ("<ref>", "</ref>"), ("<box>", "</box>"), added=True)
+QWEN2_VL_TOKENS = GroundingStyle(
+    "qwen2-vl",
+    "native tokens, [0,1000)",
+    ("<|object_ref_start|>", "<|object_ref_end|>"),
+    ("<|box_start|>", "<|box_end|>"),
+)
+QWEN2_5_VL_TOKENS = replace(
+    QWEN2_VL_TOKENS, name="qwen2.5-vl", description="native tokens, pixel coordinates", pixels=True
+)
+GROUNDING_STYLES = {style.name: style for style in (DATA_TAGS, QWEN2_VL_TOKENS, QWEN2_5_VL_TOKENS)}
+AUTO = "auto"  # the model's own convention
+
+# The MLP projections of the Llama-style gated MLP, which most families share (the tiled MLP looks for them).
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    # names (the last part of the qualified module name) of the vision tower and of the projector into the text
+    # model; a projector may sit inside the tower (Qwen-VL's merger)
+    vision_towers: tuple[str, ...] = ()
+    projectors: tuple[str, ...] = ()
+    vision_language: bool = False
+    # how the processor lays out a picture's features: "patch-grid" (flattened patches with a (t, h, w) grid per
+    # picture, tuning/data/media/processor.py); None: no picture layout is known, so pictures are refused
+    media: str | None = None
+    # positions of a packed row come from the model's own get_rope_index (RopeIndexPositions), else 1-D positions
+    rope_index: bool = False
+    grounding: GroundingStyle | None = None  # its own convention; None: a style whose tokens it has, else the tags
+    vision_wrapper: tuple[str, str] | None = None  # what the chat template writes around a picture's tokens
+    end_of_text: str | None = None  # ends a pre-training document; None: the tokenizer's eos token
+    # every sample of a packed row is computed as if alone (no recurrent state or window crosses a sample's start)
+    packs_exactly: bool = True
+    why_not_packed: str = ""
+    gated_mlp: tuple[str, str, str] = GATED_MLP
+
+
+# A causal language model known by nothing but its tokenizer and chat template (the encoder's default).
+GENERIC = Family("a causal language model", ())
+
+_QWEN_VL = {
+    "vision_language": True,
+    "vision_towers": ("visual",),
+    "projectors": ("merger",),
+    "media": "patch-grid",
+    "rope_index": True,
+    "vision_wrapper": ("<|vision_start|>", "<|vision_end|>"),
+    "end_of_text": "<|endoftext|>",
+}
+
+FAMILIES = (
+    Family("Qwen2 / Qwen2.5", ("qwen2",), end_of_text="<|endoftext|>"),
+    Family("Qwen3", ("qwen3",), end_of_text="<|endoftext|>"),
+    Family("Qwen2-VL", ("qwen2_vl",), grounding=QWEN2_VL_TOKENS, **_QWEN_VL),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), grounding=QWEN2_5_VL_TOKENS, **_QWEN_VL),
+    # its deepstack mergers feed picture features into early text layers: projectors too
+    Family("Qwen3-VL", ("qwen3_vl",), **{**_QWEN_VL, "projectors": ("merger", "deepstack_merger_list")}),
+)
+
+# Layer kinds whose state or window stays within a sample of a packed row; any other kind (linear attention, Mamba)
+# carries a recurrent state from one sample into the next.
+_PER_SAMPLE_LAYERS = ("full_attention", "sliding_attention")
+
+
+class UnsupportedFamily(ValueError):
+    """A model whose family the toolkit cannot train correctly: the message names it and what is missing."""
+
+
+def is_vision_language(config) -> bool:
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def family_of(config) -> Family:
+    """The record of the model's family, or a generic record read from its config."""
+    for family in FAMILIES:
+        if config.model_type in family.model_types:
+            return family
+    return _generic(config)
+
+
+def _generic(config) -> Family:
+    kinds = set(getattr(config.get_text_config(), "layer_types", None) or [])
+    carried = sorted(kinds - set(_PER_SAMPLE_LAYERS))
+    why = f"its {', '.join(carried)} layers carry their state from one packed sample into the next" if carried else ""
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    return Family(
+        f"{architecture} (model_type {config.model_type!r})",
+        (config.model_type,),
+        vision_language=is_vision_language(config),
+        packs_exactly=not carried,
+        why_not_packed=why,
+    )
+
+
+def require_support(family: Family) -> Family:
+    """The family, if the toolkit can train it: a vision-language model whose family has no record is refused,
+    with what is missing."""
+    if family.vision_language and family.media is None:
+        known = ", ".join(f.name for f in FAMILIES if f.media)
+        raise UnsupportedFamily(
+            f"{family.name} is a vision-language model of a family this toolkit has no record for: it does not know "
+            "how that family's processor lays out pictures, where its vision tower and projector are, or how its "
+            f"packed rows are positioned. Supported vision-language families: {known}. To add one, add its record "
+            "to tuning/families.py"
+        )
+    return family
+
+
+def grounding_style(family: Family, vocab, requested: str = AUTO) -> GroundingStyle:
+    """The style <ref>/<box> data is written in for this model: the one asked for, else the family's own, else a
+    style whose tokens are all in the vocabulary, else the data's tags (added as new tokens)."""
+    if requested != AUTO:
+        return GROUNDING_STYLES[requested]
+    if family.grounding is not None:
+        return family.grounding
+    for style in GROUNDING_STYLES.values():
+        if not style.added and all(tag in vocab for tag in (*style.ref, *style.box)):
+            return style
+    return DATA_TAGS
+
+
+def end_of_text(family: Family, tokenizer) -> str:
+    """The token that ends a pre-training document: the family's, where the tokenizer has it, else eos."""
+    if family.end_of_text and family.end_of_text in tokenizer.get_vocab():
+        return family.end_of_text
+    return tokenizer.eos_token
+
+
+# -- Qwen-VL's packed positions ---------------------------------------------------------------------------------
+
+
+class RopeIndexPositions:
+    """Positions of a packed row for the Qwen-VL families: a row of text positions first, restarting at every
+    sample (the model finds the sample bounds in it), then each sample's own 3-D rope positions from the model's
+    get_rope_index, with its pictures' and videos' grids: position_ids of shape (4, 1, tokens)."""
+
+    def __init__(self, rope_index: Callable):
+        self.rope_index = rope_index
+
+    def __call__(self, features: list[dict]) -> torch.Tensor:
+        text = torch.tensor([i for f in features for i in range(len(f["input_ids"]))]).view(1, 1, -1)
+        return torch.cat([text, torch.cat([self._sample(f) for f in features], dim=2)], dim=0)
+
+    def _sample(self, feature: dict) -> torch.Tensor:
+        length = len(feature["input_ids"])
+        if feature.get("pixel_values") is None and feature.get("pixel_values_videos") is None:
+            return torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
+        extra = {}
+        if feature.get("second_per_grid_ts"):  # Qwen2.5-VL: the time between a video's frame groups
+            extra["second_per_grid_ts"] = torch.tensor(feature["second_per_grid_ts"])
+        positions, _ = self.rope_index(
+            torch.tensor([feature["input_ids"]]),
+            mm_token_type_ids=torch.tensor([feature.get("mm_token_type_ids") or [0] * length]),
+            image_grid_thw=feature.get("image_grid_thw"),
+            video_grid_thw=feature.get("video_grid_thw"),
+            **extra,
+        )
+        return positions
+
+
+def packed_positions(model: nn.Module) -> RopeIndexPositions | None:
+    """The family's position function for packed rows, or None for 1-D positions (built by the collator)."""
+    if not family_of(model.config).rope_index:
+        return None
+    for module in model.modules():  # the inner model that holds the language model owns get_rope_index
+        if hasattr(module, "get_rope_index") and hasattr(module, "language_model"):
+            return RopeIndexPositions(module.get_rope_index)
+    raise UnsupportedFamily(f"{type(model).__name__} has no get_rope_index, which its family's packed rows need")

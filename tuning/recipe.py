@@ -1,0 +1,388 @@
+"""A fine-tuning run as named phases, called in this order by finetune.train():
+
+    settle_arguments(values)    while parsing: every change to the arguments, each with its reason, before any load
+    start(args)                 logging, the output folder's rules (resume or refuse), the seed, the process group
+    read_data(args)             every record of the train and eval files read and checked
+    prepare_processing(...)     the one step that changes the tokenizer and processor (tuning.data.processing)
+    build_datasets(...)         every sample encoded; bad data stops the run here, all of it listed
+    build_model(...)            loaded, quantized, frozen; LoRA or trainable token rows attached
+    build_trainer(...)          the trainer, its collator and its callbacks
+    record(...)                 the run's arguments and data report in the output folder
+    run(...)                    training; a signal saves a checkpoint and stops with the command that resumes
+    save(...)                   the model or adapter, with its tokenizer or processor and its picture options
+
+bench/ and the tests call these phases rather than assembling a trainer themselves. A preference stage shares every
+phase but build_trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+from tuning.attention import PACKED_SDPA, attend_per_sample
+from tuning.callbacks import LossPlotCallback, SampleGenerationCallback, StopOnSignal, ThroughputCallback, TileMLPs
+from tuning.checkpoints import RestoreFullWeights, resolve_resume, resume_command, save_final, save_run_args
+from tuning.data.collate import FlatteningCollator, PaddingCollator
+from tuning.data.dataset import DataReport, ReadData, encode_dataset, read_conversations, sample_to_features
+from tuning.data.encode import Encoder
+from tuning.data.errors import DataError, DataErrors
+from tuning.data.processing import Processing, load_processing
+from tuning.families import (
+    GATED_MLP,
+    UnsupportedFamily,
+    family_of,
+    is_vision_language,
+    packed_positions,
+    require_support,
+)
+from tuning.model import (
+    LoadOptions,
+    LoraOptions,
+    attach_lora,
+    compute_dtype,
+    count_parameters,
+    load_model,
+    resize_for_tokenizer,
+    set_trainable,
+    untrained_token_ids,
+    vision_parts,
+)
+from tuning.runtime import (
+    deepspeed_state_on_cpu,
+    is_zero3,
+    leave_distributed,
+    prepare_host_memory,
+    prepare_process_group,
+)
+from tuning.trainer import SupervisedTrainer
+
+logger = logging.getLogger("finetune")
+PROG = "finetune.py"
+
+
+@dataclass
+class RunArguments:
+    """The four argument groups of a run, and what settle_arguments changed in them."""
+
+    model: object
+    data: object
+    training: object
+    lora: object
+    adjustments: list[str] = field(default_factory=list)
+
+
+# -- arguments ----------------------------------------------------------------------------------------------------
+
+
+def settle_arguments(values: dict) -> list[str]:
+    """Every change the run makes to its arguments, made here on the parsed values before the argument groups are
+    built and anything is loaded; returns each change with its reason, for the log."""
+    changes = []
+
+    def change(name: str, value, reason: str) -> None:
+        values[name] = value
+        changes.append(f"--{name} {value}: {reason}")
+
+    if values.get("model_name_or_path") is None:
+        from tuning.tiny import ensure_tiny
+
+        change("model_name_or_path", str(ensure_tiny("vl")), "no model given, so the tiny offline demo model")
+    if not torch.cuda.is_available() and values.get("deepspeed"):
+        values["accelerator_config"] = deepspeed_state_on_cpu()
+        changes.append("DeepSpeed over gloo: on a machine without GPUs accelerate would count every rank as rank 0")
+    if not torch.cuda.is_available() and not values.get("deepspeed"):
+        # Without it transformers treats torchrun ranks on a CPU machine as separate single-process runs: every
+        # rank trained on the same samples and wrote the same folder. With it, gloo DDP. (DeepSpeed sets up its
+        # own CPU accelerator, and use_cpu would switch DeepSpeed off.)
+        change("use_cpu", True, "no GPU: torchrun's ranks then train together over gloo")
+    if values.get("eval_data_path") and values.get("eval_strategy") in (None, "no"):
+        change("eval_strategy", "steps", "eval data given means evaluate, at --eval_steps (or every logging step)")
+    if values.get("use_liger_kernel") and values.get("loss_impl") != "plain":
+        change("loss_impl", "plain", "Liger's fused linear cross-entropy replaces the chunked loss")
+    if values.get("gradient_checkpointing") and values.get("gradient_checkpointing_kwargs") is None:
+        reason = "the reentrant kind loses the gradients of layers whose inputs need none (frozen embeddings)"
+        change("gradient_checkpointing_kwargs", {"use_reentrant": False}, reason)
+    config = _config_or_none(values["model_name_or_path"], values.get("trust_remote_code", False))
+    if config is not None:
+        changes += _settle_for_model(values, config)
+    if values.get("packing") and values.get("include_num_input_tokens_seen") == "non_padding":
+        change("include_num_input_tokens_seen", "all", "a packed batch has no padding (and no mask to count it by)")
+    return changes
+
+
+def _settle_for_model(values: dict, config) -> list[str]:
+    family = family_of(config)
+    try:
+        require_support(family)
+    except UnsupportedFamily as e:
+        raise SystemExit(f"{PROG}: {e}") from None
+    changes = []
+    if values.get("ddp_find_unused_parameters") is None and is_vision_language(config):
+        values["ddp_find_unused_parameters"] = True
+        changes.append("--ddp_find_unused_parameters True: text-only batches leave the vision tower out of the graph")
+    if values.get("packing") and not family.packs_exactly:
+        values["packing"] = False
+        changes.append(f"--packing False: {family.name} does not pack exactly ({family.why_not_packed})")
+    return changes
+
+
+def _config_or_none(model: str, trust_remote_code: bool):
+    """The model's config, or None where it cannot be read yet (loading the model says why, later)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+# -- the phases ---------------------------------------------------------------------------------------------------
+
+
+def start(args: RunArguments) -> str | None:
+    """Logging (rank 0 tells), the output folder's rules, the seed, the process group; the checkpoint to resume."""
+    logging.basicConfig(level=logging.INFO if args.training.process_index == 0 else logging.WARNING)
+    for line in args.adjustments:
+        logger.info("arguments: %s", line)
+    training = args.training
+    resume = resolve_resume(training.output_dir, training.resume_from_checkpoint, training.overwrite_output_dir)
+    transformers.set_seed(training.seed)  # LoRA and new rows are initialised before the Trainer seeds
+    prepare_process_group(training)
+    return resume
+
+
+@dataclass
+class DataRead:
+    train: ReadData
+    eval: ReadData | None
+
+    @property
+    def conversations(self) -> list:
+        return self.train.conversations + (self.eval.conversations if self.eval else [])
+
+
+def read_data(args: RunArguments) -> DataRead:
+    """Every record of the train and eval files, read and checked before anything is loaded."""
+    data = args.data
+    try:
+        train = read_conversations(data.data_path, data.ignore_unknown_fields)
+        held_out = read_conversations(data.eval_data_path, data.ignore_unknown_fields) if data.eval_data_path else None
+    except FileNotFoundError as e:
+        raise SystemExit(f"{PROG}: the data cannot be used: {e}") from None
+    return DataRead(train, held_out)
+
+
+def prepare_processing(args: RunArguments, data: DataRead) -> Processing:
+    """The model's tokenizer and processor, changed for this run in the one step that changes them."""
+    loaded = load_processing(args.model.model_name_or_path, args.model.trust_remote_code)
+    return args.data.processing(loaded, data.conversations)
+
+
+@dataclass
+class Datasets:
+    encoder: Encoder
+    train: object
+    report: DataReport
+    eval: object | None = None
+    eval_report: DataReport | None = None
+
+
+def build_datasets(args: RunArguments, data: DataRead, processing: Processing) -> Datasets:
+    """Every sample encoded before a model is loaded: bad data stops the run here, with every problem listed, and
+    not hours into training."""
+    encoder = args.data.encoder(processing)
+    train, report = _encoded(args, data.train, encoder, args.data.skip_bad_samples)
+    report.added_tokens = processing.added_tokens
+    logger.info(report.summary())
+    datasets = Datasets(encoder, train, report)
+    if data.eval is not None:
+        datasets.eval, datasets.eval_report = _encoded(args, data.eval, encoder, False)
+        logger.info(datasets.eval_report.summary())
+    return datasets
+
+
+def _encoded(args: RunArguments, read: ReadData, encoder: Encoder, skip_bad_samples: bool):
+    try:
+        return encode_dataset(
+            read,
+            encoder,
+            lazy=args.data.lazy_preprocess,
+            skip_bad_samples=skip_bad_samples,
+            workers=args.data.preprocessing_num_workers,
+        )
+    except (DataError, DataErrors) as e:
+        raise SystemExit(f"{PROG}: the data cannot be used: {e}") from None
+
+
+def build_model(args: RunArguments, processing: Processing):
+    """The model, with room for the tokens the processing step added; LoRA (and the token rows that need training)
+    or the parts that train in full."""
+    model_args, training, lora = args.model, args.training, args.lora
+    zero3 = is_zero3(training)
+    # n_gpu reads 1 under DeepSpeed on a CPU machine: ask torch whether there is a GPU to place the 4-bit model on
+    device_map = {"": training.local_process_index} if lora.q_lora and torch.cuda.is_available() else None
+    model = load_model(
+        LoadOptions(
+            model_args.model_name_or_path,
+            trust_remote_code=model_args.trust_remote_code,
+            attn_implementation=model_args.attn_implementation,
+            dtype=compute_dtype(training.bf16, training.fp16),
+            q_lora=lora.q_lora,
+            zero3=zero3,
+            device_map=device_map,
+        )
+    )
+    resize_for_tokenizer(model, processing.tokenizer)
+    if args.data.packing and attend_per_sample(model):
+        logger.info("attention: %s (one causal sdpa call per packed sample, no mask)", PACKED_SDPA)
+    if training.use_lora:
+        tokenizer = processing.tokenizer
+        token_ids = untrained_token_ids(model, tokenizer, processing.template_tokens(), processing.added_tokens)
+        if token_ids:
+            logger.info("training the embedding rows of tokens %s", tokenizer.convert_ids_to_tokens(token_ids))
+        model = attach_lora(
+            model,
+            lora_options(args),
+            token_ids,
+            quantized=lora.q_lora or getattr(model, "is_quantized", False),
+            checkpointing=training.gradient_checkpointing,
+            zero3=zero3,
+        )
+    else:
+        set_trainable(model, model_args.fix_vit, model_args.tune_projector)
+    logger.info("parameters: %s", count_parameters(model))
+    return model
+
+
+def lora_options(args: RunArguments) -> LoraOptions:
+    lora = args.lora
+    return LoraOptions(
+        r=lora.lora_r,
+        alpha=lora.lora_alpha,
+        dropout=lora.lora_dropout,
+        bias=lora.lora_bias,
+        target_modules=lora.lora_target_modules,
+        weight_path=lora.lora_weight_path,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        include_vision=lora.lora_vision,
+        tune_projector=args.model.tune_projector,
+    )
+
+
+def build_trainer(
+    args: RunArguments, processing: Processing, datasets: Datasets, model, resume: str | None, callbacks=()
+) -> SupervisedTrainer:
+    training = args.training
+    family = family_of(model.config)
+    return SupervisedTrainer(
+        model=model,
+        args=training,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.eval,
+        data_collator=collator_for(model, datasets.encoder, args.data.packing, training.world_size),
+        callbacks=[
+            *standard_callbacks(training, resume, processing),
+            *mlp_tiling(training, is_zero3(training), family.gated_mlp),
+            StopOnSignal(),
+            *callbacks,
+        ],
+        on_nonfinite=training.on_nonfinite,
+        lr_by_prefix=learning_rates_by_part(model, training),
+        loss_impl=training.loss_impl,
+        max_tokens_per_batch=args.data.max_tokens_per_batch,
+    )
+
+
+def collator_for(model, encoder: Encoder, packing: bool, world_size: int):
+    if not packing:
+        return PaddingCollator(pad_token_id=encoder.tokenizer.pad_token_id)
+    placeholder = None
+    if world_size > 1 and encoder.image_processor is not None:
+        # ranks must reduce the same parameters: a rank whose batch has no picture would leave the projector out
+        placeholder = sample_to_features(encoder.placeholder_image_sample())
+    return FlatteningCollator(positions=packed_positions(model), placeholder=placeholder)
+
+
+def standard_callbacks(training_args, resume: str | None, processing: Processing) -> list:
+    callbacks = [ThroughputCallback(training_args.world_size), LossPlotCallback()]
+    if training_args.sample_prompts:
+        callbacks.append(
+            SampleGenerationCallback(
+                training_args.sample_prompts, training_args.sample_steps, processing.tokenizer, processing.processor
+            )
+        )
+    if resume and not training_args.use_lora and not training_args.deepspeed:  # DeepSpeed restores its own way
+        callbacks.append(RestoreFullWeights(resume))
+    return callbacks
+
+
+def learning_rates_by_part(model, training_args) -> dict[str, float]:
+    """Parameter-name prefixes with their own learning rate: projector first, as it sits inside the tower."""
+    towers, projectors = vision_parts(model)
+    rates = {}
+    if training_args.projector_lr is not None:
+        rates.update(dict.fromkeys(projectors, training_args.projector_lr))
+    if training_args.vision_lr is not None:
+        rates.update(dict.fromkeys(towers, training_args.vision_lr))
+    return rates
+
+
+def mlp_tiling(training_args, zero3: bool, projections: tuple[str, str, str] = GATED_MLP) -> list[TileMLPs]:
+    """Tiled MLPs follow --gradient_checkpointing unless --tiled_mlp says otherwise. ZeRO-3 gathers an MLP's weights
+    only inside its own hooks, and tiling hands them to an autograd Function directly (measured: the ranks
+    deadlock). DDP, ZeRO-2 and FSDP train the same with it (tested)."""
+    wanted = training_args.tiled_mlp
+    if wanted is None:
+        wanted = training_args.gradient_checkpointing
+    if not wanted:
+        return []
+    if zero3:
+        logger.info("mlp: not tiled under ZeRO-3")
+        return []
+    return [TileMLPs(training_args.mlp_tile_tokens, projections)]
+
+
+def record(args: RunArguments, datasets: Datasets) -> None:
+    """The run's arguments (run_args.json) and what happened to every sample (data_report.json)."""
+    if args.training.process_index == 0:
+        output_dir = args.training.output_dir
+        save_run_args(output_dir, model=args.model, data=args.data, training=args.training, lora=args.lora)
+        datasets.report.save(os.path.join(output_dir, "data_report.json"))
+
+
+def run(trainer: SupervisedTrainer, resume: str | None, argv: list[str]) -> None:
+    """Train. A SIGTERM or SIGINT saves a checkpoint at the end of its step and exits with 128 + the signal,
+    printing the command that resumes the run."""
+    prepare_host_memory(trainer.args.device)
+    trainer.model.train()  # before any forward: a 4-bit model evaluated first switches to an inference-only layout
+    trainer.train(resume_from_checkpoint=resume)
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal))
+    if stop.received:
+        output_dir = trainer.args.output_dir
+        if trainer.is_world_process_zero():
+            checkpoint = os.path.join(output_dir, f"checkpoint-{stop.saved_at}")
+            print(
+                f"\n{signal.Signals(stop.received).name}: stopped at step {stop.saved_at} and saved {checkpoint}. "
+                f"Resume with:\n  {resume_command(argv)}",
+                file=sys.stderr,
+            )
+        leave_distributed(128 + stop.received)
+        raise SystemExit(128 + stop.received)
+
+
+def save(trainer: SupervisedTrainer, processing: Processing) -> None:
+    """The model or adapter, its tokenizer or processor beside it, and how pictures were resized (the chat and the
+    demo resize the same way)."""
+    output_dir = trainer.args.output_dir
+    save_final(trainer, processing.saved, output_dir)
+    if processing.media is not None and trainer.is_world_process_zero():
+        processing.media.save(output_dir)
+    logger.info("saved to %s", output_dir)
