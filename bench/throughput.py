@@ -655,7 +655,7 @@ def prepare(args) -> dict:
     model = ensure_tiny(
         "text", out=REPO / "models" / f"bench-qwen2-{size}", initializer_range=0.02, **MODEL_SIZES[size]
     )
-    tokenizer, _, _ = load_processing(str(model))
+    tokenizer, _, family = load_processing(str(model))
     median = 200 if args.vocab == "real" else 150
     lengths = chat_lengths(args.samples, args.seed, median=median, high=args.max_length - 16)  # room to re-tokenize
     data = write_chats(Path(tempfile.mkdtemp(prefix="bench-data-")) / "chats.jsonl", tokenizer, lengths, args.seed)
@@ -663,7 +663,7 @@ def prepare(args) -> dict:
     from tuning.data.encode import Encoder
 
     _, report = build_dataset(
-        [str(data)], Encoder(tokenizer, None, model_type="qwen2", max_length=args.max_length), show_progress=False
+        [str(data)], Encoder(tokenizer, family=family, max_length=args.max_length), show_progress=False
     )
     stats = report.percentiles()
     config = AutoConfig.from_pretrained(model)
