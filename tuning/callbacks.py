@@ -129,11 +129,12 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
 class SampleGenerationCallback(TrainerCallback):
     """Answers a fixed list of prompts every N steps, into the log and samples.jsonl (XTuner's EvaluateChatHook).
 
-    A prompt "PATH::question" comes with that picture. Generation is greedy and shares tuning.chat's code."""
+    A prompt "PATH::question" comes with that picture. Generation is greedy and shares tuning.chat's code; prompts
+    are built by the run's own encoder, so they render and load pictures exactly as the training data."""
 
-    def __init__(self, prompts: list[str], every: int, tokenizer, processor, max_new_tokens: int = 64):
+    def __init__(self, prompts: list[str], every: int, encoder, max_new_tokens: int = 64):
         self.prompts = [self._parse(p) for p in prompts]
-        self.every, self.tokenizer, self.processor, self.max_new_tokens = every, tokenizer, processor, max_new_tokens
+        self.every, self.encoder, self.max_new_tokens = every, encoder, max_new_tokens
 
     @staticmethod
     def _parse(prompt: str) -> tuple[str | None, str]:
@@ -147,18 +148,17 @@ class SampleGenerationCallback(TrainerCallback):
     def generate(self, args, state, model) -> None:
         if not state.is_world_process_zero:
             return
-        from PIL import Image
-
         from tuning.chat import Chat, GenerationSettings
 
         was_training = model.training
         model.eval()
-        chat = Chat(model, self.tokenizer, self.processor, settings=GenerationSettings(self.max_new_tokens))
+        encoder = self.encoder
+        settings = GenerationSettings(self.max_new_tokens)
+        chat = Chat(model, encoder.tokenizer, encoder.processor, settings=settings, encoder=encoder)
         with open(Path(args.output_dir) / "samples.jsonl", "a", encoding="utf-8") as out:
             for path, question in self.prompts:
                 chat.reset()
-                images = [Image.open(path).convert("RGB")] if path else None
-                answer = chat.ask(question, images)
+                answer = chat.ask(question, [path] if path else None)
                 logger.info("step %d sample: %s -> %r", state.global_step, question, answer)
                 line = {"step": state.global_step, "image": path, "prompt": question, "answer": answer}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -10,6 +10,8 @@ conversation, /exit leaves. Generation here is the one the web demo and training
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import sys
 import threading
 from collections.abc import Iterator
@@ -20,11 +22,17 @@ import torch
 from PIL import Image
 
 from tuning.data import grounding
+from tuning.data.conversation import Conversation, ImageRef, Message, VideoRef
+from tuning.data.encode import Encoder
+from tuning.data.errors import DataError
+from tuning.data.media.images import ImageLoadError, load_image
 from tuning.data.media.resolution import MediaOptions, configure, pixels
 from tuning.data.processing import load_processing
-from tuning.data.template import ChatTemplate
-from tuning.families import is_vision_language
-from tuning.model import LoadOptions, load_adapter, load_model, set_use_cache
+from tuning.families import DATA_TAGS, UnsupportedFamily, end_of_text, family_of, is_vision_language
+from tuning.model import LoadOptions, load_adapter, load_model, resize_for_tokenizer, set_use_cache
+
+# A conversation's length is the model's to limit (the check below), not the training limit's.
+PROMPT_LENGTH = 1 << 30
 
 
 @dataclass
@@ -58,8 +66,7 @@ def load_for_chat(
     if processor is not None:
         configure(processor, media or MediaOptions.saved_in(adapter, model_path) or MediaOptions())
     model = load_model(LoadOptions(model_path, q_lora=bits == 4, load_in_8bit=bits == 8))
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    resize_for_tokenizer(model, tokenizer)  # the rows of tokens added in training (the adapter holds them)
     if adapter:
         model = load_adapter(model, adapter)
     if torch.cuda.is_available() and not cpu_only and bits is None:
@@ -68,9 +75,39 @@ def load_for_chat(
     return model.eval(), tokenizer, processor
 
 
+Picture = str | Path | ImageRef | Image.Image
+
+
+def picture_ref(picture: Picture) -> ImageRef:
+    """A picture as training names one: a path (relative to the working folder), an http(s) URL or a data URI; a
+    picture already in memory travels as a PNG data URI, so it goes through the same loader and limits."""
+    if isinstance(picture, ImageRef):
+        return picture
+    if isinstance(picture, Image.Image):
+        buffer = io.BytesIO()
+        picture.convert("RGB").save(buffer, format="PNG")
+        return ImageRef("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), "")
+    return ImageRef(str(picture), "")
+
+
+def _parts(content) -> list:
+    if isinstance(content, str):
+        return [content]
+    parts = []
+    for part in content:
+        if part["type"] == "image":
+            parts.append(picture_ref(part["image"]))
+        elif part["type"] == "video":
+            parts.append(part["video"] if isinstance(part["video"], VideoRef) else VideoRef(str(part["video"]), ""))
+        else:
+            parts.append(part["text"])
+    return parts
+
+
 @dataclass
 class Chat:
-    """A multi-turn conversation with a model; images attach to the user turn they are sent with."""
+    """A multi-turn conversation with a model; images attach to the user turn they are sent with. Prompts are built
+    by the training encoder (tuning.data.encode), so a model is asked exactly as it was trained."""
 
     model: object
     tokenizer: object
@@ -81,51 +118,39 @@ class Chat:
     # Qwen-VL data labels its pictures "Picture N:", so a model tuned on it is asked the same way.
     add_vision_id: bool = True
     template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False} for Qwen3
+    encoder: Encoder | None = None  # a training run's own encoder; by default one for the model's family
+
+    def __post_init__(self):
+        if self.encoder is None:
+            self.encoder = Encoder(
+                self.tokenizer,
+                self.processor,
+                family=family_of(self.model.config),
+                max_length=PROMPT_LENGTH,
+                template_kwargs=self.template_kwargs,
+            )
 
     def reset(self) -> None:
         self.messages = []
 
-    def _inputs(self, messages: list[dict]) -> dict:
-        """The prompt rendered by the same template code as training (tuning.data.template), then tokenized, the
-        pictures through the processor: a model is asked exactly as it was trained."""
+    def conversation(self, messages: list[dict]) -> Conversation:
+        """Chat messages (content a string, or parts: {"type": "image", "image": path, URL, data URI or picture},
+        {"type": "video", "video": path}, {"type": "text", "text": ...}) as the Conversation training reads."""
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        parts = [p for m in full if isinstance(m["content"], list) for p in m["content"]]
-        images = [p["image"] for p in parts if "image" in p]
-        videos = [p["video"] for p in parts if "video" in p]
-        if (images or videos) and self.processor is None:
+        conv = Conversation(id="chat", origin="the chat", file="the chat", where="this message")
+        conv.messages = [Message(m["role"], _parts(m["content"])) for m in full]
+        conv.add_vision_id = self.add_vision_id
+        if (conv.images or conv.videos) and self.processor is None:
             raise ValueError("this model is text-only: it cannot take pictures or videos")
-        placeholders = [
-            {**m, "content": [{"type": p["type"]} if p["type"] in ("image", "video") else p for p in m["content"]]}
-            if isinstance(m["content"], list)
-            else m
-            for m in full
-        ]
-        text = ChatTemplate(self.tokenizer).render(
-            placeholders, generation_prompt=True, add_vision_id=self.add_vision_id, **self.template_kwargs
-        )
-        if images or videos:
-            inputs = self.processor(
-                text=[text], images=images or None, return_tensors="pt", **self._video_inputs(videos)
-            )
-        else:
-            inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        return {k: v.to(self.model.device) for k, v in inputs.items()}
+        return conv
 
-    def _video_inputs(self, paths: list[str]) -> dict:
-        """Videos decoded within the usual limits, their frames sampled by the model's own video processor."""
-        if not paths:
-            return {}
-        from tuning.data.conversation import VideoRef
-        from tuning.data.media.images import ImageLimits
-        from tuning.data.media.processor import MediaProcessor
-
-        media = MediaProcessor(self.processor, None, ImageLimits(), len(paths))
-        loaded = [media.load_video(VideoRef(str(path), "")) for path in paths]
-        return {
-            "videos": [frames for frames, _ in loaded],
-            "video_metadata": [metadata for _, metadata in loaded],
-            "do_sample_frames": False,
-        }
+    def _inputs(self, messages: list[dict]) -> dict:
+        conv = self.conversation(messages)
+        try:
+            inputs = self.encoder.prompt(conv)
+        except DataError as e:  # a picture that cannot be read, a bad box: said as the training data would say it
+            raise ValueError(e.problem) from None
+        return {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
     def _check_length(self, prompt_tokens: int) -> None:
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
@@ -135,14 +160,14 @@ class Chat:
                 f"generated, over the model's {limit}: clear the history or send less"
             )
 
-    def user_message(self, text: str, images: list[Image.Image] | None = None, videos: list[str] | None = None) -> dict:
+    def user_message(self, text: str, images: list[Picture] | None = None, videos: list[str] | None = None) -> dict:
         if not images and not videos:
             return {"role": "user", "content": text}
         media = [{"type": "image", "image": img} for img in images or []]
         media += [{"type": "video", "video": path} for path in videos or []]
         return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
 
-    def stream(self, text: str, images: list[Image.Image] | None = None, videos: list[str] | None = None):
+    def stream(self, text: str, images: list[Picture] | None = None, videos: list[str] | None = None):
         """Yield the answer as it grows; the exchange joins the history when it is complete."""
         message = self.user_message(text, images, videos)
         answer = ""
@@ -157,7 +182,7 @@ class Chat:
         inputs = self._inputs(messages)
         self._check_length(inputs["input_ids"].shape[1])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
-        stop = [t for t in (self.tokenizer.eos_token, "<|endoftext|>") if t in self.tokenizer.get_vocab()]
+        stop = {self.tokenizer.eos_token, end_of_text(self.encoder.family, self.tokenizer)} - {None}
         failure: list[BaseException] = []
 
         def run():
@@ -183,37 +208,30 @@ class Chat:
         if failure:
             raise failure[0]
 
-    def ask(self, text: str, images: list[Image.Image] | None = None, videos: list[str] | None = None) -> str:
+    def ask(self, text: str, images: list[Picture] | None = None, videos: list[str] | None = None) -> str:
         answer = ""
         for partial in self.stream(text, images, videos):
             answer = partial
         return answer
 
-
-def resized_size(processor, image: Image.Image) -> tuple[int, int]:
-    """(width, height) of a picture as a Qwen-VL model sees it, after its processor's resize."""
-    grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
-    patch = processor.image_processor.patch_size
-    return int(grid[2]) * patch, int(grid[1]) * patch
-
-
-def answer_boxes(answer: str, model_type: str, processor, image: Image.Image | None) -> list[grounding.Box]:
-    """Boxes of an answer in [0,1000), whatever the model's convention (Qwen2.5-VL writes pixels)."""
-    if model_type == "qwen2_5_vl" and image is not None and processor is not None:
-        return grounding.find_boxes(answer, "qwen2.5-vl", resized_size(processor, image))
-    return grounding.find_boxes(answer, "qwen2-vl")
+    def answer_boxes(self, answer: str, picture: Picture | None) -> list[grounding.Box]:
+        """Boxes of an answer in [0,1000), whatever the model's convention (Qwen2.5-VL writes pixels of the picture
+        as it sees it, after resizing)."""
+        style = self.encoder.grounding
+        size = self.encoder.media.seen_size(picture_ref(picture)) if style.pixels and picture is not None else None
+        return grounding.find_boxes(answer, style, size)
 
 
 def readable(answer: str) -> str:
     """An answer with grounding shown as 'label [x1,y1,x2,y2]' instead of raw tags."""
-    boxes = grounding.find_boxes(answer, "qwen-vl")
+    boxes = grounding.find_boxes(answer, DATA_TAGS)
     text = grounding.strip_tags(answer)
     if boxes:
         text += "\n" + "\n".join(f"  box: {b.label or '?'} [{b.x1:g},{b.y1:g},{b.x2:g},{b.y2:g}]" for b in boxes)
     return text
 
 
-def interactive(chat: Chat, pending_images: list[Image.Image]) -> None:
+def interactive(chat: Chat, pending_images: list[str]) -> None:
     print("Type a message. /image PATH attaches a picture, /reset starts over, /exit leaves.")
     while True:
         try:
@@ -232,10 +250,11 @@ def interactive(chat: Chat, pending_images: list[Image.Image]) -> None:
         if line.startswith("/image"):
             path = line[len("/image") :].strip()
             try:
-                pending_images.append(Image.open(path).convert("RGB"))
+                load_image(picture_ref(path), None, chat.encoder.image_limits)  # read now, said now
+                pending_images.append(path)
                 print(f"(attached {path})")
-            except OSError as e:
-                print(f"(cannot open {path}: {e})")
+            except ImageLoadError as e:
+                print(f"(cannot use {path}: {e})")
             continue
         print("assistant> ", end="", flush=True)
         shown = ""
@@ -243,7 +262,7 @@ def interactive(chat: Chat, pending_images: list[Image.Image]) -> None:
             print(shown_now[len(shown) :], end="", flush=True)
             shown = shown_now
         print()
-        if grounding.find_boxes(shown, "qwen-vl"):
+        if grounding.has_boxes(shown):
             print(readable(shown))
         pending_images.clear()
 
@@ -288,20 +307,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--image and --video need a vision-language model")
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     thinking = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
-    chat = Chat(
-        model,
-        tokenizer,
-        processor,
-        args.system,
-        settings,
-        add_vision_id=not args.no_vision_id,
-        template_kwargs=thinking,
-    )
-    images = [Image.open(p).convert("RGB") for p in args.image]
-    if args.prompt is not None:
-        print(readable(chat.ask(args.prompt, images or None, args.video or None)))
-        return 0
-    interactive(chat, images)
+    try:
+        chat = Chat(
+            model,
+            tokenizer,
+            processor,
+            args.system,
+            settings,
+            add_vision_id=not args.no_vision_id,
+            template_kwargs=thinking,
+        )
+        if args.prompt is not None:
+            print(readable(chat.ask(args.prompt, args.image or None, args.video or None)))
+            return 0
+    except (UnsupportedFamily, ValueError) as e:  # a family without a record, a picture that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    interactive(chat, list(args.image))
     return 0
 
 

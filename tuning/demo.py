@@ -14,14 +14,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from tuning.chat import Chat, GenerationSettings, answer_boxes
+from tuning.chat import Chat, GenerationSettings, picture_ref
 from tuning.data import grounding
+from tuning.data.grounding import draw_boxes
+from tuning.data.media.images import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")
-BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4")
 MAX_UPLOAD = "10mb"
 
 
@@ -112,21 +113,6 @@ def shown_turn(answer: str) -> list[dict]:
     return [*turn, {"role": "assistant", "content": grounding.strip_tags(text)}]
 
 
-def draw_boxes(image: Image.Image, boxes: list[grounding.Box]) -> Image.Image:
-    """The boxes ([0,1000) coordinates) and their labels drawn on a copy of the picture."""
-    drawn = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(drawn)
-    width, height = drawn.size
-    line = max(2, round(min(width, height) / 150))
-    for i, box in enumerate(boxes):
-        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
-        corners = (box.x1 * width / 1000, box.y1 * height / 1000, box.x2 * width / 1000, box.y2 * height / 1000)
-        draw.rectangle(corners, outline=colour, width=line)
-        if box.label:
-            draw.text((corners[0] + line + 1, corners[1] + line), box.label, fill=colour)
-    return drawn
-
-
 # -- the app ---------------------------------------------------------------------------------------
 
 
@@ -138,19 +124,7 @@ class DemoModel:
     def reply(self, messages: list[dict], settings: GenerationSettings, system: str) -> Iterator[str]:
         # a Chat of its own per request: requests served at once must not share settings or system prompt
         chat = replace(self.chat, settings=settings, system=(system or "").strip() or None, messages=[])
-        opened = [
-            {
-                **m,
-                "content": [
-                    {"type": "image", "image": Image.open(p["image"]).convert("RGB")} if p["type"] == "image" else p
-                    for p in m["content"]
-                ],
-            }
-            if isinstance(m["content"], list)
-            else m
-            for m in messages
-        ]
-        yield from chat.stream_reply(opened)
+        yield from chat.stream_reply(messages)  # pictures by path: loaded as training loads them
 
     def respond(self, history: list, raw: list, system: str, max_new_tokens: int, temperature: float, top_p: float):
         """Stream the answer to the last user turn into the history; any failure becomes a message in the chat,
@@ -177,13 +151,12 @@ class DemoModel:
         yield history, [*raw, answer]
 
     def picture_with_boxes(self, answer: str, image_path: str | None, turn: int) -> str | None:
-        if image_path is None or not (grounding.has_grounding(answer) or "<|box_start|>" in answer):
+        if image_path is None or not grounding.has_boxes(answer):
             return None
-        image = Image.open(image_path).convert("RGB")
-        model_type = self.chat.model.config.model_type
-        boxes = answer_boxes(answer, model_type, self.chat.processor, image)
+        boxes = self.chat.answer_boxes(answer, image_path)
         if not boxes:
             return None
+        image = load_image(picture_ref(image_path))  # within the same limits as the model's own reading
         path = self.outputs / f"boxes-{turn}.png"
         scale = max(1, 256 // max(image.size))  # a thumbnail-sized picture is enlarged so labels can be read
         draw_boxes(image.resize((image.width * scale, image.height * scale), Image.NEAREST), boxes).save(path)

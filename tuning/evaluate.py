@@ -17,11 +17,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from tuning.chat import Chat, GenerationSettings, answer_boxes, load_for_chat
+from tuning.chat import Chat, GenerationSettings, load_for_chat
 from tuning.data import grounding
-from tuning.data.conversation import ImageRef
+from tuning.data.conversation import ImageRef, VideoRef
+from tuning.data.errors import DataError
 from tuning.data.formats import iter_conversations
-from tuning.data.media.images import load_image, resolve_local
+from tuning.data.media.images import load_image
+from tuning.families import DATA_TAGS
 
 PICTURE_MODES = ("real", "blank", "shuffled")
 
@@ -31,6 +33,8 @@ class Score:
     correct: int
     total: int
     examples: list[tuple[str, str, str]]  # (question, expected, answer) of the first few
+    bad: list[str] = field(default_factory=list)  # records that could not be read, each with where and why
+    skipped: list[str] = field(default_factory=list)  # ids of samples that are not one question and one answer
 
     @property
     def accuracy(self) -> float:
@@ -43,28 +47,43 @@ class Score:
 @dataclass
 class HeldOut:
     question: str
-    images: list[Image.Image]
+    images: list[ImageRef]
     expected: str
     labelled: bool  # the data labels its pictures "Picture N:" (Qwen-VL), so the question is asked that way
-    videos: list[str] = field(default_factory=list)  # video files
+    videos: list[VideoRef] = field(default_factory=list)
 
 
-def single_turn_samples(path: str | Path, id_suffix: str | None = None):
-    """Every single-exchange sample (question, pictures, expected answer), optionally filtered by id suffix."""
+@dataclass
+class HeldOutSet:
+    samples: list[HeldOut] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def single_turn_samples(path: str | Path, id_suffix: str | None = None) -> HeldOutSet:
+    """Every single-exchange sample (question, pictures, expected answer), optionally filtered by id suffix; a
+    record that cannot be read, or is not one question and one answer, is listed, not dropped silently."""
+    found = HeldOutSet()
     for conv in iter_conversations([path]):
-        if not hasattr(conv, "messages") or len(conv.messages) != 2:
+        if isinstance(conv, DataError):
+            found.bad.append(str(conv))
             continue
         if id_suffix and not conv.id.endswith(id_suffix):
             continue
+        if conv.pretrain_text is not None or [m.role for m in conv.messages] != ["user", "assistant"]:
+            found.skipped.append(conv.id)
+            continue
         user, assistant = conv.messages
-        images = [load_image(ref) for ref in user.images]
-        videos = [str(resolve_local(ImageRef(v.source, v.base_dir), None)) for v in user.videos]
-        yield HeldOut(user.text.strip(), images, assistant.text.strip(), conv.add_vision_id, videos)
+        found.samples.append(
+            HeldOut(user.text.strip(), user.images, assistant.text.strip(), conv.add_vision_id, user.videos)
+        )
+    return found
 
 
-def pictures_for(mode: str, images: list[list[Image.Image]], seed: int = 0) -> list[list[Image.Image]]:
+def pictures_for(mode: str, images: list[list[ImageRef]], seed: int = 0) -> list[list]:
+    """The pictures each question is asked with: its own, blank ones of the same sizes, or another sample's."""
     if mode == "blank":
-        return [[Image.new("RGB", img.size, (240, 240, 240)) for img in imgs] for imgs in images]
+        return [[Image.new("RGB", load_image(ref).size, (240, 240, 240)) for ref in refs] for refs in images]
     if mode == "shuffled":
         order = list(range(len(images)))
         random.Random(seed).shuffle(order)
@@ -80,12 +99,12 @@ def iou(a: grounding.Box, b: grounding.Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def is_correct(chat: Chat, answer: str, expected: str, image: Image.Image | None) -> bool:
+def is_correct(chat: Chat, answer: str, expected: str, picture) -> bool:
     """Exact text, or for grounding answers the same labels and every box overlapping its own by IoU >= 0.5."""
     if not grounding.has_grounding(expected):
         return answer == expected
-    want = grounding.find_boxes(expected, "qwen-vl")
-    got = answer_boxes(answer, chat.model.config.model_type, chat.processor, image)
+    want = grounding.find_boxes(expected, DATA_TAGS)
+    got = chat.answer_boxes(answer, picture)
     return len(got) == len(want) and all(
         g.label == w.label and iou(g, w) >= 0.5 for g, w in zip(got, want, strict=True)
     )
@@ -93,32 +112,31 @@ def is_correct(chat: Chat, answer: str, expected: str, image: Image.Image | None
 
 def exact_match(chat: Chat, path: str | Path, id_suffix: str | None = None, picture: str = "real") -> Score:
     """Each question asked as the data writes it: with "Picture N:" labels only where the data has them."""
-    samples = list(single_turn_samples(path, id_suffix))
+    held_out = single_turn_samples(path, id_suffix)
+    samples = held_out.samples
     images = pictures_for(picture, [s.images for s in samples])
     correct, examples = 0, []
-    for sample, imgs in zip(samples, images, strict=True):
+    for sample, pictures in zip(samples, images, strict=True):
         chat.reset()
         chat.add_vision_id = sample.labelled
-        answer = chat.ask(sample.question, imgs or None, sample.videos or None).strip()
-        correct += is_correct(chat, answer, sample.expected, imgs[-1] if imgs else None)
+        answer = chat.ask(sample.question, pictures or None, sample.videos or None).strip()
+        correct += is_correct(chat, answer, sample.expected, pictures[-1] if pictures else None)
         if len(examples) < 3:
             examples.append((sample.question, sample.expected, answer))
-    return Score(correct, len(samples), examples)
+    return Score(correct, len(samples), examples, held_out.bad, held_out.skipped)
 
 
 def draw_first_grounded(chat: Chat, path: str | Path, out: Path) -> str | None:
     """Ask the first grounding question of the data and draw the boxes of the answer on its picture."""
-    from tuning.demo import draw_boxes
-
-    for sample in single_turn_samples(path):
-        images = sample.images
-        if grounding.has_grounding(sample.expected) and images:
+    for sample in single_turn_samples(path).samples:
+        if grounding.has_grounding(sample.expected) and sample.images:
             chat.reset()
             chat.add_vision_id = sample.labelled
-            answer = chat.ask(sample.question, images)
-            boxes = answer_boxes(answer, chat.model.config.model_type, chat.processor, images[-1])
-            big = images[-1].resize((images[-1].width * 4, images[-1].height * 4), Image.NEAREST)
-            draw_boxes(big, boxes).save(out)
+            answer = chat.ask(sample.question, sample.images)
+            boxes = chat.answer_boxes(answer, sample.images[-1])
+            image = load_image(sample.images[-1])
+            big = image.resize((image.width * 4, image.height * 4), Image.NEAREST)
+            grounding.draw_boxes(big, boxes).save(out)
             print(f"grounded answer {answer!r} drawn on its picture: {out}")
             return answer
     return None
@@ -141,12 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.draw:
         draw_first_grounded(chat, args.data, args.draw)
     if args.json:
-        print(json.dumps({"correct": score.correct, "total": score.total, "accuracy": score.accuracy}))
+        numbers = {"correct": score.correct, "total": score.total, "accuracy": score.accuracy}
+        print(json.dumps({**numbers, "bad": score.bad, "skipped": score.skipped}))
     else:
         print(f"{args.picture} pictures: {score}")
         for question, want, answer in score.examples:
             print(f"  {question!r}: expected {want!r}, answered {answer!r}")
-    return 0
+    for problem in score.bad:
+        print(f"not evaluated, the record cannot be read: {problem}", file=sys.stderr)
+    if score.skipped:
+        print(
+            f"not evaluated, not one question and one answer: {len(score.skipped)} samples "
+            f"({', '.join(score.skipped[:5])}{', ...' if len(score.skipped) > 5 else ''})",
+            file=sys.stderr,
+        )
+    return 1 if score.bad else 0
 
 
 if __name__ == "__main__":

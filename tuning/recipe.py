@@ -289,7 +289,7 @@ def build_trainer(
         eval_dataset=datasets.eval,
         data_collator=collator_for(model, datasets.encoder, args.data.packing, training.world_size),
         callbacks=[
-            *standard_callbacks(training, resume, processing),
+            *standard_callbacks(training, resume, datasets.encoder),
             *mlp_tiling(training, is_zero3(training), family.gated_mlp),
             StopOnSignal(),
             *callbacks,
@@ -311,14 +311,11 @@ def collator_for(model, encoder: Encoder, packing: bool, world_size: int):
     return FlatteningCollator(positions=packed_positions(model), placeholder=placeholder)
 
 
-def standard_callbacks(training_args, resume: str | None, processing: Processing) -> list:
+def standard_callbacks(training_args, resume: str | None, encoder: Encoder) -> list:
     callbacks = [ThroughputCallback(training_args.world_size), LossPlotCallback()]
     if training_args.sample_prompts:
-        callbacks.append(
-            SampleGenerationCallback(
-                training_args.sample_prompts, training_args.sample_steps, processing.tokenizer, processing.processor
-            )
-        )
+        prompts, every = training_args.sample_prompts, training_args.sample_steps
+        callbacks.append(SampleGenerationCallback(prompts, every, encoder))
     if resume and not training_args.use_lora and not training_args.deepspeed:  # DeepSpeed restores its own way
         callbacks.append(RestoreFullWeights(resume))
     return callbacks

@@ -20,7 +20,7 @@ from tuning.data import grounding
 from tuning.data.conversation import BoxRef, Conversation, ImageRef, VideoRef
 from tuning.data.media.images import ImageLimits
 from tuning.data.media.processor import MediaProcessor
-from tuning.data.template import ChatTemplate, Rendered, TemplateError
+from tuning.data.template import ChatTemplate, Rendered, Segment, TemplateError
 from tuning.families import AUTO, GENERIC, Family, GroundingStyle, end_of_text, grounding_style, require_support
 
 IGNORE_INDEX = -100
@@ -173,6 +173,27 @@ class Encoder:
         media = self.media.process(conv)
         return self._template_messages(conv, media.original_sizes, self.media.resized_sizes(media))
 
+    def prompt(self, conv: Conversation) -> dict:
+        """The model's inputs to answer a conversation (the chat command, the web demo, evaluation, the sample
+        callback), built as training builds an answer's context: the template's rendering of the messages with the
+        generation prompt, pictures and videos through the same loaders, limits and processor, the user's grounding
+        tags in the model's convention. Earlier assistant turns are the model's own answers and stay as written.
+        Raises DataError where training would (a picture that cannot be read, a bad box)."""
+        media = self.media.process(conv)
+        messages = self._template_messages(
+            conv, media.original_sizes, self.media.resized_sizes(media), as_written=("assistant",)
+        )
+        try:
+            text = self.template.render(messages, True, conv.tools, add_vision_id=conv.add_vision_id)
+        except TemplateError as e:
+            raise conv.error(e.problem, e.fix, e.message_index) from None
+        [text] = self._expand_media(conv, [Segment(text, False, 0)], media.image_texts, media.video_texts)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if media.features:
+            inputs["mm_token_type_ids"] = torch.tensor([self._token_types(ids)])
+        return {**inputs, **media.features}
+
     # -- rendering --------------------------------------------------------------------------------
 
     def _trained_turns(self, conv: Conversation) -> list[int]:
@@ -181,12 +202,16 @@ class Encoder:
             assistants = assistants[-1:]
         return [i for i in assistants if conv.messages[i].trained]
 
-    def _template_messages(self, conv: Conversation, original: list, resized: list) -> list[dict]:
-        """Messages in the form the chat template takes, with grounding written in the model's convention."""
+    def _template_messages(self, conv: Conversation, original: list, resized: list, as_written=()) -> list[dict]:
+        """Messages in the form the chat template takes, with grounding written in the model's convention (except
+        in the messages of the roles `as_written`)."""
         messages, image_index, last_size = [], 0, None
         for i, message in enumerate(conv.messages):
             parts = []
             for part in message.parts:
+                if isinstance(part, str) and message.role in as_written:
+                    parts.append({"type": "text", "text": part})
+                    continue
                 if isinstance(part, ImageRef):
                     last_size = resized[image_index] if resized else None
                     image_index += 1

@@ -72,6 +72,11 @@ class MediaProcessor:
         patch = self.image_processor.patch_size
         return [(int(w) * patch, int(h) * patch) for _, h, w in media.image_grid.tolist()]
 
+    def seen_size(self, ref: ImageRef) -> tuple[int, int]:
+        """(width, height) of a picture as the model sees it: loaded within the limits, resized by the processor."""
+        image = load_image(ref, self.image_folder, self.limits)
+        return self.resized_sizes(self._run([image], [], [image.size]))[0]
+
     def process(self, conv: Conversation) -> Media:
         found = [(part, i) for i, m in enumerate(conv.messages) for part in m.media]
         if not found:
