@@ -176,6 +176,21 @@ def test_arguments_from_a_yaml_file(tmp_path):
         parse_arguments([str(config)])
 
 
+def test_run_args_keep_every_argument_but_secrets(tmp_path, tiny_text):
+    """A token-budget run can be repeated from its run_args.json; an access token is never written down."""
+    from finetune import parse_arguments
+    from tuning.checkpoints import save_run_args
+
+    flags = ["--max_tokens_per_batch", "512", "--mlp_tile_tokens", "300", "--hub_token", "hf_secret"]
+    args = parse_arguments(["--model_name_or_path", str(tiny_text), "--output_dir", str(tmp_path), *flags])
+    save_run_args(tmp_path, model=args.model, data=args.data, training=args.training, lora=args.lora)
+    saved = json.loads((tmp_path / "run_args.json").read_text())
+    assert saved["data"]["max_tokens_per_batch"] == 512 and saved["training"]["mlp_tile_tokens"] == 300
+    assert saved["training"]["include_num_input_tokens_seen"] == "all"  # packed: every token is real
+    assert "average_tokens_across_devices" in saved["training"]
+    assert "hf_secret" not in (tmp_path / "run_args.json").read_text() and "hub_token" not in saved["training"]
+
+
 def test_new_grounding_tokens_train_only_their_rows_and_survive_save_and_merge(tmp_path, tiny_vl):
     from tuning.merge import merge
 

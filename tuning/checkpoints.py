@@ -194,12 +194,18 @@ class RestoreFullWeights(TrainerCallback):
         logger.info("restored the full weights of %s (with the key conversion the Trainer skips)", self.checkpoint)
 
 
+def is_secret(name: str) -> bool:
+    """An argument whose value must not be written down: an access token (hub_token and the like)."""
+    return name.endswith("_token")
+
+
 def save_run_args(output_dir: str, **groups) -> None:
-    """The arguments of the run, one group per dataclass, as run_args.json."""
+    """The arguments of the run, one group per dataclass, as run_args.json: every one but the secrets, so that the
+    run can be repeated from the file."""
 
     def plain(obj):
         data = obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj) if is_dataclass(obj) else dict(obj)
-        return {k: v for k, v in data.items() if not k.startswith("_") and "token" not in k}
+        return {k: v for k, v in data.items() if not k.startswith("_") and not is_secret(k)}
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     payload = {name: plain(group) for name, group in groups.items()}
