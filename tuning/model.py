@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from tuning.families import family_of, is_vision_language
+from tuning.runtime import gptqmodel_only_for
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,17 @@ class LoadOptions:
     device_map: dict | str | None = None
 
 
+def quant_method(config) -> str | None:
+    """How a checkpoint was saved quantized ("gptq", "bitsandbytes", ...), or None."""
+    existing = getattr(config, "quantization_config", None)
+    return existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+
+
 def quantization_config(options: LoadOptions, config):
     from transformers import BitsAndBytesConfig, GPTQConfig
 
     existing = getattr(config, "quantization_config", None)
-    method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+    method = quant_method(config)
     if method is not None and method != "gptq":
         return None
     if method == "gptq":
@@ -126,7 +133,8 @@ def load_adapter(model: nn.Module, adapter: str, trainable: bool = False):
             f"{adapter} holds no adapter_model.safetensors{pickled}; save the adapter with safetensors "
             "(PEFT's default) and try again"
         )
-    return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    with gptqmodel_only_for(quant_method(model.config) == "gptq"):
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
 
 
 def set_use_cache(model: nn.Module, enabled: bool) -> None:
@@ -286,11 +294,12 @@ def attach_lora(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with gptqmodel_only_for(quant_method(model.config) == "gptq"):
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     elif checkpointing:
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph at checkpoints
     if options.weight_path:
@@ -314,4 +323,5 @@ def attach_lora(
         use_rslora=options.use_rslora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with gptqmodel_only_for(quant_method(model.config) == "gptq"):
+        return get_peft_model(model, config)

@@ -109,12 +109,24 @@ def settle_arguments(values: dict) -> list[str]:
     if values.get("gradient_checkpointing") and values.get("gradient_checkpointing_kwargs") is None:
         reason = "the reentrant kind loses the gradients of layers whose inputs need none (frozen embeddings)"
         change("gradient_checkpointing_kwargs", {"use_reentrant": False}, reason)
+    _activation_checkpointing_names(values)
     config = _config_or_none(values["model_name_or_path"], values.get("trust_remote_code", False))
     if config is not None:
         changes += _settle_for_model(values, config)
     if values.get("packing") and values.get("include_num_input_tokens_seen") == "non_padding":
         change("include_num_input_tokens_seen", "all", "a packed batch has no padding (and no mask to count it by)")
     return changes
+
+
+def _activation_checkpointing_names(values: dict) -> None:
+    """--gradient_checkpointing keeps its name (the Qwen scripts'); transformers 5.24 calls it activation
+    checkpointing and warns on the old name, so the value moves to the new one where the Trainer has it."""
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if new in values and values[new] is None and values.get(old) is not None:
+            values[new], values[old] = values[old], None
 
 
 def _settle_for_model(values: dict, config) -> list[str]:

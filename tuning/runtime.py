@@ -1,5 +1,11 @@
-"""The process a run lives in: its process group, DeepSpeed on a machine without GPUs, leaving torchrun cleanly, and
-on a CPU the host allocator.
+"""The process a run lives in: its process group, DeepSpeed on a machine without GPUs, leaving torchrun cleanly, on a
+CPU the host allocator, and quiet libraries.
+
+Quiet. Importing peft imports torchao (through transformers' quantizers) and bitsandbytes, which log deprecation and
+missing-kernel notices on every command, and peft imports gptqmodel whenever it adds a LoRA layer, which prints a
+banner and sets this process's CUDA allocator options (PYTORCH_ALLOC_CONF) where they are unset. Those notices are
+filtered by their exact text at their loggers (quiet_libraries), and gptqmodel is hidden from peft unless the model is
+a GPTQ checkpoint (gptqmodel_only_for); every other warning shows as it is.
 
 Host memory. Training on a CPU, blocks of LARGE_BLOCK_BYTES and more get a mapping of their own, so freeing one
 returns it. There the tensors live in the process's heap. glibc maps a block of 128 KiB or more on its own at first,
@@ -14,10 +20,12 @@ this heap.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import sys
+import warnings
 
 import torch
 
@@ -104,3 +112,51 @@ def leave_distributed(exit_code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
+
+
+# (logger, the start of a notice it logs on every command that is nothing a user can act on)
+LIBRARY_NOTICES = (
+    # torchao registers its enums with torch.compile the old way, at import
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),
+    # bitsandbytes on a CPU without the optional `kernels` package (and hub access): its own kernels run instead
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+# transformers 5.24 renamed gradient checkpointing to activation checkpointing; peft still calls the old name
+LIBRARY_WARNINGS = (r"`is_gradient_checkpointing` is deprecated", r"`gradient_checkpointing_enable` is deprecated")
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Filter the libraries' notices listed above, by their text, where they are logged."""
+    for name, text in LIBRARY_NOTICES:
+        logger_ = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.text == text for f in logger_.filters):
+            logger_.addFilter(_DropNotice(text))
+    for message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
+@contextlib.contextmanager
+def gptqmodel_only_for(gptq: bool):
+    """While peft adapts or loads adapters on a model: gptqmodel hidden from it unless the model is GPTQ (or
+    gptqmodel is imported already), so that its import, banner and allocator options stay off other runs."""
+    if gptq or "gptqmodel" in sys.modules:
+        yield
+        return
+    from peft.import_utils import is_gptqmodel_available  # cached per process: asked again after
+
+    sys.modules["gptqmodel"] = None  # `import gptqmodel` fails and find_spec finds nothing, for peft's check
+    is_gptqmodel_available.cache_clear()
+    try:
+        yield
+    finally:
+        del sys.modules["gptqmodel"]
+        is_gptqmodel_available.cache_clear()
