@@ -390,3 +390,34 @@ def test_a_chat_template_file_is_used_saved_and_answers_with_it(tmp_path, tiny_t
     assert tokenizer.decode(prompt["input_ids"][0]).startswith(
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud."
     )
+
+
+COMMANDS = ["finetune", "tuning.data", "tuning.merge", "tuning.chat", "tuning.demo", "tuning.evaluate", "tuning.tiny"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_unknown_flag_is_a_usage_error_of_every_command(command, capsys):
+    """Exit status 2 and the usage, never a traceback (each command's own required arguments given)."""
+    import importlib
+
+    required = {
+        "tuning.data": ["--model_name_or_path", "m"],
+        "tuning.merge": ["--adapter", "a", "--output", "o"],
+        "tuning.chat": ["m"],
+        "tuning.evaluate": ["m", "--data", "d"],
+    }
+    argv = [*required.get(command, []), "--no_such_flag", "1"]
+    if command == "finetune":
+        from finetune import parse_arguments
+
+        with pytest.raises(SystemExit) as caught:
+            parse_arguments(argv)
+        code = caught.value.code
+    else:
+        module = importlib.import_module(command if command != "tuning.data" else "tuning.data.__main__")
+        try:
+            code = module.main(argv)
+        except SystemExit as e:
+            code = e.code
+    error = capsys.readouterr().err
+    assert code == 2 and "usage:" in error and "--no_such_flag" in error and "Traceback" not in error
