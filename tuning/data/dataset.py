@@ -126,25 +126,41 @@ class EagerDataset(Dataset):
 class LazyDataset(Dataset):
     """Samples encoded on access and not kept; validated in full before training all the same.
 
-    `entries` holds (conversation, which of its samples) for every training sample, in order."""
+    `entries` holds (conversation, which of its samples) for every training sample, in order. A conversation that
+    trains in several samples (a template that rewrites history) is encoded once for all of its samples that are read
+    together: in one batch (`__getitems__`, which the DataLoader calls with a batch's indices), or one after another
+    (the last conversation's samples are kept until another one is read)."""
 
     def __init__(self, entries: list[tuple[Conversation, int]], encoder: Encoder, lengths: list[int]):
         self.entries = entries
         self.encoder = encoder
         self._lengths = lengths
+        self._last: tuple[Conversation, list[Sample]] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
-        conv, part = self.entries[index]
-        try:
-            return sample_to_features(self.encoder.encode(conv)[part])
-        except (DataError, DroppedSample, IndexError) as e:
-            # It passed validation before training, so its file or image changed since: stop loudly.
-            raise RuntimeError(
-                f"sample {conv.id} ({conv.origin}) failed on access after passing validation: {e}"
-            ) from e
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        features, batch = [], {}  # id(conversation) -> its samples, for this batch
+        for index in indices:
+            conv, part = self.entries[index]
+            try:
+                samples = batch.get(id(conv)) or batch.setdefault(id(conv), self._samples_of(conv))
+                features.append(sample_to_features(samples[part]))
+            except (DataError, DroppedSample, IndexError) as e:
+                # It passed validation before training, so its file or image changed since: stop loudly.
+                raise RuntimeError(
+                    f"sample {conv.id} ({conv.origin}) failed on access after passing validation: {e}"
+                ) from e
+        return features
+
+    def _samples_of(self, conv: Conversation) -> list[Sample]:
+        if self._last is None or self._last[0] is not conv:
+            self._last = (conv, self.encoder.encode(conv))
+        return self._last[1]
 
     @property
     def lengths(self) -> list[int]:
