@@ -97,7 +97,7 @@ def test_a_family_with_recurrent_layers_trains_without_packing(tmp_path, tiny_te
     assert values["packing"] is True
 
 
-def test_a_vision_family_without_a_record_is_refused_by_name(tiny_llava, tmp_path):
+def test_a_vision_family_without_a_record_is_refused_by_name(tiny_llava, tmp_path, capsys):
     """LLaVA has no record yet: every command says so in one line, where it ended in a TypeError inside the picture
     code before."""
     from transformers import AutoConfig
@@ -119,6 +119,10 @@ def test_a_vision_family_without_a_record_is_refused_by_name(tiny_llava, tmp_pat
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: LlavaForConditionalGeneration (model_type 'llava') is a vision-language")
+    from tuning.chat import main as chat
+
+    assert chat([str(tiny_llava), "--prompt", "hi"]) == 1  # before any weight is read
+    assert capsys.readouterr().err.startswith("error: LlavaForConditionalGeneration (model_type 'llava')")
     with pytest.raises(SystemExit, match=r"^finetune.py: LlavaForConditionalGeneration \(model_type 'llava'\)"):
         train(
             [

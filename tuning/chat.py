@@ -28,7 +28,7 @@ from tuning.data.errors import DataError
 from tuning.data.media.images import ImageLoadError, load_image
 from tuning.data.media.resolution import MediaOptions, configure, pixels
 from tuning.data.processing import load_processing
-from tuning.families import DATA_TAGS, UnsupportedFamily, end_of_text, family_of, is_vision_language
+from tuning.families import DATA_TAGS, UnsupportedFamily, end_of_text, family_of, is_vision_language, require_support
 from tuning.model import LoadOptions, load_adapter, load_model, resize_for_tokenizer, set_use_cache
 
 # A conversation's length is the model's to limit (the check below), not the training limit's.
@@ -62,7 +62,8 @@ def load_for_chat(
     """(model, tokenizer, processor or None): the base, optionally quantized, with the adapter on top. Pictures
     and videos are resized as the model was trained (the options saved with it), else with the default budget."""
     processing_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-    tokenizer, processor, _ = load_processing(processing_source, config_from=model_path)
+    tokenizer, processor, family = load_processing(processing_source, config_from=model_path)
+    require_support(family)  # before any weight is read: a vision family without a record is refused by name
     if processor is not None:
         configure(processor, media or MediaOptions.saved_in(adapter, model_path) or MediaOptions())
     model = load_model(LoadOptions(model_path, q_lora=bits == 4, load_in_8bit=bits == 8))
@@ -302,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_max_pixels is not None:
         saved = MediaOptions.saved_in(args.adapter, args.model) or MediaOptions()
         media = replace(saved, image_max_pixels=pixels(args.image_max_pixels))
-    model, tokenizer, processor = load_for_chat(args.model, args.adapter, args.bits, args.cpu_only, media)
+    try:
+        model, tokenizer, processor = load_for_chat(args.model, args.adapter, args.bits, args.cpu_only, media)
+    except UnsupportedFamily as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if (args.image or args.video) and not is_vision_language(model.config):
         parser.error("--image and --video need a vision-language model")
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None:
             print(readable(chat.ask(args.prompt, args.image or None, args.video or None)))
             return 0
-    except (UnsupportedFamily, ValueError) as e:  # a family without a record, a picture that cannot be read
+    except ValueError as e:  # a picture that cannot be read, a prompt over the model's length
         print(f"error: {e}", file=sys.stderr)
         return 1
     interactive(chat, list(args.image))

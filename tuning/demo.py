@@ -20,6 +20,7 @@ from tuning.chat import Chat, GenerationSettings, picture_ref
 from tuning.data import grounding
 from tuning.data.grounding import draw_boxes
 from tuning.data.media.images import load_image
+from tuning.families import UnsupportedFamily
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")
@@ -235,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model_path = args.checkpoint_path or str(ensure_tiny("vl"))
-    model, tokenizer, processor = load_for_chat(model_path, args.adapter, args.bits, args.cpu_only)
+    try:
+        model, tokenizer, processor = load_for_chat(model_path, args.adapter, args.bits, args.cpu_only)
+    except UnsupportedFamily as e:
+        raise SystemExit(f"web_demo_mm.py: {e}") from None
     thinking = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
     demo_model = DemoModel(Chat(model, tokenizer, processor, template_kwargs=thinking))
     app = build_app(demo_model, title=f"Multimodal chat — {Path(model_path).name}")

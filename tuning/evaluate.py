@@ -23,7 +23,7 @@ from tuning.data.conversation import ImageRef, VideoRef
 from tuning.data.errors import DataError
 from tuning.data.formats import iter_conversations
 from tuning.data.media.images import load_image
-from tuning.families import DATA_TAGS
+from tuning.families import DATA_TAGS, UnsupportedFamily
 
 PICTURE_MODES = ("real", "blank", "shuffled")
 
@@ -153,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the score as JSON")
     parser.add_argument("--draw", type=Path, help="draw the boxes of the first grounded answer on its picture here")
     args = parser.parse_args(argv)
-    model, tokenizer, processor = load_for_chat(args.model, args.adapter)
+    try:
+        model, tokenizer, processor = load_for_chat(args.model, args.adapter)
+    except UnsupportedFamily as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     chat = Chat(model, tokenizer, processor, settings=GenerationSettings(args.max_new_tokens))
     score = exact_match(chat, args.data, args.id_suffix, args.picture)
     if args.draw:

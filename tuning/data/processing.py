@@ -57,7 +57,7 @@ class Processing:
         return self.processor or self.tokenizer
 
     def template_tokens(self) -> list[str]:
-        """The special tokens the chat template writes around a turn (ChatML's <|im_start|>, <|im_end|>): rows
+        """The special tokens the chat template writes around a turn (ChatML's start and end of a turn): rows
         that a base model may never have trained."""
         template = ChatTemplate(self.tokenizer)
         try:
