@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -145,6 +144,7 @@ def run_child(settings: dict) -> dict:
     from transformers import TrainerCallback
 
     from finetune import train
+    from tuning.runtime import peak_resident_bytes
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -184,7 +184,7 @@ def run_child(settings: dict) -> dict:
         *settings["flags"],
     ]
     train(argv, callbacks=(timer,))
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_resident_bytes()
     return {"seconds_per_step": (timer.end - timer.start) / settings["steps"], "peak_memory_bytes": peak}
 
 

@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -392,7 +391,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     import torch
 
     from tuning import recipe
-    from tuning.runtime import map_large_blocks_apart
+    from tuning.runtime import map_large_blocks_apart, peak_resident_bytes
 
     out = tempfile.mkdtemp(prefix=f"bench-{mode}-")
     toolkit = mode in TOOLKIT_MODES
@@ -432,7 +431,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_resident_bytes()
     return {
         "mode": mode,
         "seconds": seconds,

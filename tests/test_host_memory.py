@@ -69,3 +69,24 @@ def test_freed_large_tensors_leave_the_process():
 def test_a_threshold_the_user_set_stands(env):
     done, _ = resident_after_freeing("apart", **env)
     assert done == "False"
+
+
+def test_a_childs_peak_is_its_own_not_its_parents():
+    """Linux carries a vfork parent's resident memory into the child's ru_maxrss (subprocess starts children with
+    vfork): the benches measure each mode's peak with runtime.peak_resident_bytes, the child's own."""
+    import resource
+
+    import torch
+
+    ballast = torch.ones(128 * 2**20)  # 512 MiB resident in this (parent) process
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    child = (
+        "import resource; from tuning.runtime import peak_resident_bytes; "
+        "print(peak_resident_bytes() // 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
+    )
+    own, inherited = map(int, result.stdout.split())
+    del ballast
+    assert inherited >= parent - 64 > own + 256  # what the bench read before, and the child's own peak

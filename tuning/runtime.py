@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,21 @@ def map_large_blocks_apart(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     if not is_glibc() or user_set_threshold():
         return False
     return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+
+
+def peak_resident_bytes() -> int:
+    """The peak resident memory of this process's own address space (VmHWM). Not getrusage's ru_maxrss: Linux carries
+    that across exec, so a child started with vfork (as subprocess does) reports its parent's resident memory at the
+    start when that was higher than its own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not Linux: the best there is
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def prepare_host_memory(device: torch.device) -> None:
