@@ -31,9 +31,6 @@ from tuning.data.processing import load_processing
 from tuning.families import DATA_TAGS, UnsupportedFamily, end_of_text, family_of, is_vision_language, require_support
 from tuning.model import LoadOptions, load_adapter, load_model, resize_for_tokenizer, set_use_cache
 
-# A conversation's length is the model's to limit (the check below), not the training limit's.
-PROMPT_LENGTH = 1 << 30
-
 
 @dataclass
 class GenerationSettings:
@@ -123,13 +120,9 @@ class Chat:
 
     def __post_init__(self):
         if self.encoder is None:
-            self.encoder = Encoder(
-                self.tokenizer,
-                self.processor,
-                family=family_of(self.model.config),
-                max_length=PROMPT_LENGTH,
-                template_kwargs=self.template_kwargs,
-            )
+            # (its max_length is training's: a prompt is never cut; _check_length holds it to the model's limit)
+            family = family_of(self.model.config)
+            self.encoder = Encoder(self.tokenizer, self.processor, family=family, template_kwargs=self.template_kwargs)
 
     def reset(self) -> None:
         self.messages = []
