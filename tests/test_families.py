@@ -80,6 +80,20 @@ def test_the_grounding_convention_comes_from_the_record_then_the_vocabulary():
     assert grounding_style(qwen2_5_vl, native, "qwen-vl").name == "qwen-vl"  # asked for
 
 
+def test_a_qwen_tokenizer_ends_its_documents_with_endoftext_in_any_family(text_processing, tmp_path):
+    """A {"text"} document ends with <|endoftext|>, not the eos <|im_end|>, also for a family without a record
+    (Qwen3-MoE, Qwen3-Next bring Qwen's tokenizer)."""
+    from tests.helpers import conversations, write_jsonl
+    from tuning.data.encode import Encoder
+    from tuning.families import GENERIC
+
+    tokenizer = text_processing[0]
+    [conv] = conversations(write_jsonl(tmp_path / "d.jsonl", [{"text": "a short document"}]))
+    for family in (text_processing[2], GENERIC):
+        [sample] = Encoder(tokenizer, family=family).encode(conv)
+        assert tokenizer.convert_ids_to_tokens(sample.input_ids[-1]) == "<|endoftext|>"
+
+
 def test_a_family_with_recurrent_layers_trains_without_packing(tmp_path, tiny_text):
     """Linear-attention layers carry their state from one packed sample into the next: packing is switched off
     before the model loads, with the reason in the log."""

@@ -66,7 +66,6 @@ class Family:
     rope_index: bool = False
     grounding: GroundingStyle | None = None  # its own convention; None: a style whose tokens it has, else the tags
     vision_wrapper: tuple[str, str] | None = None  # what the chat template writes around a picture's tokens
-    end_of_text: str | None = None  # ends a pre-training document; None: the tokenizer's eos token
     # every sample of a packed row is computed as if alone (no recurrent state or window crosses a sample's start)
     packs_exactly: bool = True
     why_not_packed: str = ""
@@ -83,12 +82,11 @@ _QWEN_VL = {
     "media": "patch-grid",
     "rope_index": True,
     "vision_wrapper": ("<|vision_start|>", "<|vision_end|>"),
-    "end_of_text": "<|endoftext|>",
 }
 
 FAMILIES = (
-    Family("Qwen2 / Qwen2.5", ("qwen2",), end_of_text="<|endoftext|>"),
-    Family("Qwen3", ("qwen3",), end_of_text="<|endoftext|>"),
+    Family("Qwen2 / Qwen2.5", ("qwen2",)),
+    Family("Qwen3", ("qwen3",)),
     Family("Qwen2-VL", ("qwen2_vl",), grounding=QWEN2_VL_TOKENS, **_QWEN_VL),
     Family("Qwen2.5-VL", ("qwen2_5_vl",), grounding=QWEN2_5_VL_TOKENS, **_QWEN_VL),
     # its deepstack mergers feed picture features into early text layers: projectors too
@@ -157,11 +155,15 @@ def grounding_style(family: Family, vocab, requested: str = AUTO) -> GroundingSt
     return DATA_TAGS
 
 
+# The token that ends a document in tokenizers that have one apart from the end of a turn: Qwen's (instruct models
+# end a turn with <|im_end|>, their eos, and a document with <|endoftext|>); every family's tokenizer is asked, as
+# Qwen's vocabulary comes with MoE and other Qwen models that have no record of their own.
+DOCUMENT_END = "<|endoftext|>"
+
+
 def end_of_text(family: Family, tokenizer) -> str:
-    """The token that ends a pre-training document: the family's, where the tokenizer has it, else eos."""
-    if family.end_of_text and family.end_of_text in tokenizer.get_vocab():
-        return family.end_of_text
-    return tokenizer.eos_token
+    """The token that ends a pre-training document: the document-end token where the tokenizer has it, else eos."""
+    return DOCUMENT_END if DOCUMENT_END in tokenizer.get_vocab() else tokenizer.eos_token
 
 
 # -- Qwen-VL's packed positions ---------------------------------------------------------------------------------
