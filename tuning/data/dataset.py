@@ -148,8 +148,9 @@ class LazyDataset(Dataset):
         for index in indices:
             conv, part = self.entries[index]
             try:
-                samples = batch.get(id(conv)) or batch.setdefault(id(conv), self._samples_of(conv))
-                features.append(sample_to_features(samples[part]))
+                if id(conv) not in batch:
+                    batch[id(conv)] = self._samples_of(conv)
+                features.append(sample_to_features(batch[id(conv)][part]))
             except (DataError, DroppedSample, IndexError) as e:
                 # It passed validation before training, so its file or image changed since: stop loudly.
                 raise RuntimeError(
