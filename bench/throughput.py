@@ -321,7 +321,7 @@ def toolkit_argv(mode: str, settings: dict, out: str) -> list[str]:
 
 
 def toolkit_trainer(mode: str, settings: dict, out: str):
-    """(trainer, its model, the run's arguments) through the recipe's phases, exactly as finetune.py composes them."""
+    """(trainer, its model) through the recipe's phases, exactly as finetune.py composes them."""
     from finetune import parse_arguments
     from tuning import recipe
     from tuning.callbacks import LossPlotCallback
