@@ -167,7 +167,9 @@ def test_image_tokens_never_train_and_match_the_grid(vl_processing, tmp_path):
     assert len(pads) == int(sample.image_grid_thw.prod(dim=1).sum()) // 4
     assert all(sample.labels[i] == IGNORE_INDEX for i in pads)
     assert sample.mm_token_type_ids == [int(t == image_id) for t in sample.input_ids]
-    assert sample.pixel_values.shape[0] == int(sample.image_grid_thw.prod(dim=1).sum())
+    assert sample.pixel_values is None  # computed per batch, never held for the whole set
+    pixels = encoder_for(vl_processing).pixels(sample)["pixel_values"]
+    assert pixels.shape[0] == int(sample.image_grid_thw.prod(dim=1).sum())
     text = vl_processing[0].decode(sample.input_ids)
     assert "Picture 3: <|vision_start|>" in text  # the numbering runs across turns
 
@@ -221,7 +223,7 @@ def test_qwen_vl_tags_become_single_new_tokens(tiny_vl, tmp_path):
         [qwen_vl("g", "Picture 1: <img>p.png</img>\nFind it", "<ref>x</ref><box>(10,20),(30,40)</box>")],
     )
     data_args = DataArguments(data_path=[str(path)], grounding_format="qwen-vl")
-    assert data_args.processing(loaded, read_conversations([str(plain)]).conversations).added_tokens == []
+    assert data_args.processing(loaded, read_conversations([str(plain)]).uses_grounding).added_tokens == []
     read = read_conversations([str(path)])
     processing = data_args.processing(loaded, read.conversations)
     assert processing.added_tokens == ["<ref>", "</ref>", "<box>", "</box>"]
@@ -279,11 +281,14 @@ def test_images_in_data_for_a_text_model_is_an_error(text_processing):
 
 def test_pixels_match_the_processor(vl_processing):
     conv = next(c for c in iter_conversations([DATA / "example.json"]) if c.images)
-    [sample] = encoder_for(vl_processing).encode(conv)
+    encoder = encoder_for(vl_processing)
+    [sample] = encoder.encode(conv)
     expected = vl_processing[1].image_processor(
         images=[load_image(ImageRef(r.source, r.base_dir)) for r in conv.images], return_tensors="pt"
     )
-    assert torch.equal(sample.pixel_values, expected["pixel_values"])
+    computed = encoder.pixels(sample)  # per batch, from the sample's pictures
+    assert torch.equal(computed["pixel_values"], expected["pixel_values"])
+    assert torch.equal(computed["image_grid_thw"], expected["image_grid_thw"])
 
 
 def test_a_template_without_a_clean_split_is_a_clear_error(tiny_text, tmp_path):

@@ -27,12 +27,13 @@ def test_a_chat_prompt_is_the_trained_context_of_the_answer(vl_chat, vl_processi
     question = [{"type": "image", "image": "p.png"}, {"type": "text", "text": "What colour is it?"}]
     record = {"id": "c", "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "blue"}]}
     [conv] = conversations(write_jsonl(tmp_path / "d.jsonl", [record]))
-    [sample] = encoder_for(vl_processing).encode(conv)
+    encoder = encoder_for(vl_processing)
+    [sample] = encoder.encode(conv)
     answer_start = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
 
     inputs = vl_chat._inputs([vl_chat.user_message("What colour is it?", [tmp_path / "p.png"])])
     assert inputs["input_ids"][0].tolist() == sample.input_ids[:answer_start]
-    assert torch.equal(inputs["pixel_values"], sample.pixel_values)
+    assert torch.equal(inputs["pixel_values"], encoder.pixels(sample)["pixel_values"])
     assert torch.equal(inputs["image_grid_thw"], sample.image_grid_thw)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -41,7 +42,8 @@ RESUME_CASES = [
 def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, tiny_vl, name, flags, deepspeed):
     if deepspeed:
         pytest.importorskip("deepspeed")
-    common = [*flags, "--max_steps", "7", "--save_steps", "4", "--lr_scheduler_type", "cosine"]
+    cache = ["--dataset_cache_dir", str(tmp_path / "cache")]  # the whole run encodes, the resumed one reads the cache
+    common = [*flags, *cache, "--max_steps", "7", "--save_steps", "4", "--lr_scheduler_type", "cosine"]
     whole = losses(finetune(tmp_path / "whole", tiny_vl, *common, deepspeed=deepspeed))
     checkpoint = tmp_path / "whole" / "checkpoint-4"
     assert checkpoint_problems(checkpoint) == []  # what `auto` checks holds for every layout: plain, DeepSpeed
@@ -50,6 +52,8 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, tiny_vl, name
             tmp_path / "resumed", tiny_vl, *common, "--resume_from_checkpoint", str(checkpoint), deepspeed=deepspeed
         )
     )
+    reports = [json.loads((tmp_path / run / "data_report.json").read_text()) for run in ("whole", "resumed")]
+    assert [r["from_cache"] for r in reports] == [False, True] and reports[0]["cache"] == reports[1]["cache"]
     assert sorted(resumed) == sorted(whole) == list(range(1, 8))  # 1-4 come from the checkpoint's state
     for step in (5, 6, 7):  # trained again after the resume, from mid-epoch (5 samples per epoch)
         assert abs(resumed[step] - whole[step]) < 1e-5, (step, resumed[step], whole[step])

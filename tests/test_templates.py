@@ -338,31 +338,6 @@ def test_a_template_that_raises_makes_a_named_bad_sample_and_the_rest_trains(bas
     assert report.usable == 2 and len(dataset) == 2 and "System role not supported" in report.bad[0]
 
 
-def test_a_lazy_conversation_of_several_samples_is_encoded_once_for_them(base_tokenizers, tmp_path, monkeypatch):
-    """Qwen3 trains the reasoning conversation in two samples: reading both (one after the other, or in one batch)
-    renders its prefixes and loads its pictures once, not once per sample."""
-    from tests.helpers import write_jsonl
-    from tuning.data.dataset import build_dataset
-
-    tokenizer = tokenizer_for(base_tokenizers, "qwen3")
-    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS[n]} for n in ("single", "reasoning")])
-    encoder = Encoder(tokenizer)
-    eager, _ = build_dataset([str(path)], encoder, show_progress=False)
-    lazy, _ = build_dataset([str(path)], encoder, lazy=True, show_progress=False)
-    calls = []
-    encode = encoder.encode
-    monkeypatch.setattr(encoder, "encode", lambda conv: calls.append(conv.id) or encode(conv))
-    assert [lazy[i]["input_ids"] for i in range(3)] == [eager[i]["input_ids"] for i in range(3)]
-    assert calls == ["d-0", "d-1"]  # the second conversation's two samples: one encoding
-    calls.clear()
-    assert [f["labels"] for f in lazy.__getitems__([1, 0, 2])] == [eager[i]["labels"] for i in (1, 0, 2)]
-    assert calls == ["d-0"]  # the batch of the DataLoader: d-1's two samples from one encoding (kept from before)
-    lazy[0]  # another conversation read in between
-    calls.clear()
-    lazy.__getitems__([1, 0, 2])
-    assert calls == ["d-1", "d-0"]
-
-
 def test_the_report_counts_conversations_and_samples(base_tokenizers, tmp_path):
     from tests.helpers import write_jsonl
     from tuning.data.dataset import build_dataset

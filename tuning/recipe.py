@@ -2,9 +2,9 @@
 
     settle_arguments(values)    while parsing: every change to the arguments, each with its reason, before any load
     start(args)                 logging, the output folder's rules (resume or refuse), the seed, the process group
-    read_data(args)             every record of the train and eval files read and checked
+    read_data(args)             every record of the train and eval files counted and checked, streaming
     prepare_processing(...)     the one step that changes the tokenizer and processor (tuning.data.processing)
-    build_datasets(...)         every sample encoded; bad data stops the run here, all of it listed
+    build_datasets(...)         every sample encoded into the cache (or read from it); bad data stops the run here
     build_model(...)            loaded, quantized, frozen; LoRA or trainable token rows attached
     build_trainer(...)          the trainer, its collator and its callbacks
     record(...)                 the run's arguments and data report in the output folder
@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -29,6 +30,7 @@ import transformers
 from tuning.attention import PACKED_SDPA, attend_per_sample
 from tuning.callbacks import LossPlotCallback, SampleGenerationCallback, StopOnSignal, ThroughputCallback, TileMLPs
 from tuning.checkpoints import RestoreFullWeights, resolve_resume, resume_command, save_final, save_run_args
+from tuning.data.cache import CacheError
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import DataReport, ReadData, encode_dataset, read_conversations, sample_to_features
 from tuning.data.encode import Encoder
@@ -174,27 +176,40 @@ def start(args: RunArguments) -> str | None:
 class DataRead:
     train: ReadData
     eval: ReadData | None
+    cache_root: Path | None = None  # --dataset_cache_dir, made; None when off
 
     @property
-    def conversations(self) -> list:
-        return self.train.conversations + (self.eval.conversations if self.eval else [])
+    def uses_grounding(self) -> bool:
+        return self.train.uses_grounding or bool(self.eval and self.eval.uses_grounding)
 
 
 def read_data(args: RunArguments) -> DataRead:
-    """Every record of the train and eval files, read and checked before anything is loaded."""
-    data = args.data
+    """Every record of the train and eval files counted and checked, streaming them (or the count of the same files
+    read from the cache), before anything is loaded."""
+    data, wait = args.data, waits_for_node(args.training)
     try:
-        train = read_conversations(data.data_path, data.ignore_unknown_fields)
-        held_out = read_conversations(data.eval_data_path, data.ignore_unknown_fields) if data.eval_data_path else None
-    except FileNotFoundError as e:
+        root = data.cache_root()
+        train = read_conversations(data.data_path, data.ignore_unknown_fields, root, wait)
+        held_out = (
+            read_conversations(data.eval_data_path, data.ignore_unknown_fields, root, wait)
+            if data.eval_data_path
+            else None
+        )
+    except (FileNotFoundError, CacheError) as e:
         raise SystemExit(f"{PROG}: the data cannot be used: {e}") from None
-    return DataRead(train, held_out)
+    return DataRead(train, held_out, root)
+
+
+def waits_for_node(training_args) -> bool:
+    """Whether this rank waits for the first rank of its node to read and encode the data (and then memory-maps
+    what it wrote) rather than doing the same work again."""
+    return training_args.world_size > 1 and training_args.local_process_index != 0
 
 
 def prepare_processing(args: RunArguments, data: DataRead) -> Processing:
     """The model's tokenizer and processor, changed for this run in the one step that changes them."""
     loaded = load_processing(args.model.model_name_or_path, args.model.trust_remote_code)
-    return args.data.processing(loaded, data.conversations)
+    return args.data.processing(loaded, data.uses_grounding)
 
 
 @dataclass
@@ -207,27 +222,31 @@ class Datasets:
 
 
 def build_datasets(args: RunArguments, data: DataRead, processing: Processing) -> Datasets:
-    """Every sample encoded before a model is loaded: bad data stops the run here, with every problem listed, and
-    not hours into training."""
+    """Every sample encoded before a model is loaded (or read from the cache an earlier run filled): bad data stops
+    the run here, with every problem listed, and not hours into training."""
     encoder = args.data.encoder(processing)
-    train, report = _encoded(args, data.train, encoder, args.data.skip_bad_samples)
+    train, report = _encoded(args, data, data.train, encoder, args.data.skip_bad_samples)
     report.added_tokens = processing.added_tokens
     logger.info(report.summary())
     datasets = Datasets(encoder, train, report)
     if data.eval is not None:
-        datasets.eval, datasets.eval_report = _encoded(args, data.eval, encoder, False)
+        datasets.eval, datasets.eval_report = _encoded(args, data, data.eval, encoder, False)
         logger.info(datasets.eval_report.summary())
     return datasets
 
 
-def _encoded(args: RunArguments, read: ReadData, encoder: Encoder, skip_bad_samples: bool):
+def _encoded(args: RunArguments, data: DataRead, read: ReadData, encoder: Encoder, skip_bad_samples: bool):
+    # without a cache each rank encodes into its own temporary folder: there is nothing to share
+    wait = data.cache_root is not None and waits_for_node(args.training)
     try:
         return encode_dataset(
             read,
             encoder,
-            lazy=args.data.lazy_preprocess,
+            cache_root=data.cache_root,
             skip_bad_samples=skip_bad_samples,
             workers=args.data.preprocessing_num_workers,
+            show_progress=args.training.process_index == 0,
+            wait=wait,
         )
     except (DataError, DataErrors) as e:
         raise SystemExit(f"{PROG}: the data cannot be used: {e}") from None

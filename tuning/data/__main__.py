@@ -3,7 +3,8 @@
     python -m tuning.data --data_path data/example.json --model_name_or_path models/tiny-qwen2.5-vl --show 3
 
 Prints what the pipeline does with every sample (read, usable, truncated, dropped, bad, with ids and
-reasons), token and image counts and length percentiles. `--show K` renders K samples with the
+reasons), token and image counts and length percentiles. It fills the same dataset cache as finetune.py, so a run
+with the same data and options after a check encodes nothing. `--show K` renders K samples with the
 supervised tokens marked; `--dump OUT.jsonl` writes the encoded samples.
 Exit status: 0 when every sample is usable, 1 when any is not (all are listed), 2 on bad arguments.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tuning.arguments import parse_groups
 from tuning.data.args import DataArguments
+from tuning.data.cache import CacheError
 from tuning.data.dataset import encode_dataset, read_conversations
 from tuning.data.encode import IGNORE_INDEX
 from tuning.data.errors import DataErrors
@@ -78,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.code or 0
     data_args, check_args = built
     try:
-        read = read_conversations(data_args.data_path, data_args.ignore_unknown_fields)
-    except FileNotFoundError as e:
+        root = data_args.cache_root()
+        read = read_conversations(data_args.data_path, data_args.ignore_unknown_fields, root)
+    except (FileNotFoundError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         loaded = load_processing(check_args.model_name_or_path, check_args.trust_remote_code)
-        processing = data_args.processing(loaded, read.conversations)
+        processing = data_args.processing(loaded, read.uses_grounding)
         encoder = data_args.encoder(processing)
     except (OSError, ValueError) as e:  # UnsupportedFamily is a ValueError
         what = "" if isinstance(e, UnsupportedFamily) else f"cannot load {check_args.model_name_or_path!r}: "
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset, report = encode_dataset(
             read,
             encoder,
+            cache_root=root,
             skip_bad_samples=True,
             show_progress=sys.stderr.isatty(),
             workers=data_args.preprocessing_num_workers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuning.data import grounding
+from tuning.data.cache import cache_root
 from tuning.data.encode import OVERLONG_POLICIES, Encoder
 from tuning.data.media.images import ImageLimits
 from tuning.data.media.resolution import (
@@ -34,7 +34,19 @@ class DataArguments:
     )
     lazy_preprocess: bool = field(
         default=False,
-        metadata={"help": "Encode samples on access instead of keeping them all in memory (still validated first)."},
+        metadata={
+            "help": "Kept for the Qwen scripts; every run now does what it was for: samples are encoded once into "
+            "the dataset cache and memory-mapped, and pixel values are computed per batch, so memory does not grow "
+            "with the data."
+        },
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where encoded samples are kept and memory-mapped on later runs (default "
+            "~/.cache/qwen-tuning/datasets): a run with the same data files, tokenizer, template and options encodes "
+            "nothing. 'none': encode into a temporary folder, removed at exit."
+        },
     )
     model_max_length: int = field(
         default=2048, metadata={"help": "Longest sample in tokens, image tokens included; see --overlong."}
@@ -47,8 +59,12 @@ class DataArguments:
             "choices": list(OVERLONG_POLICIES),
         },
     )
-    preprocessing_num_workers: int = field(
-        default=1, metadata={"help": "Processes that encode the data before training (images make it slow)."}
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that encode the data (default: the cores this rank may use; the other ranks of a node "
+            "wait for its first rank). A set under a few hundred samples is encoded in-process."
+        },
     )
     packing: bool = field(
         default=True,
@@ -158,6 +174,8 @@ class DataArguments:
             found.append(f"a pixel flag: {e}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             found.append(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            found.append(f"--preprocessing_num_workers must be at least 1, got {self.preprocessing_num_workers}")
         if self.video_fps <= 0 or self.video_maxlen < 1:
             found.append("--video_fps and --video_maxlen must be positive")
         return found
@@ -184,7 +202,11 @@ class DataArguments:
     def template_kwargs(self) -> dict:
         return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
-    def processing(self, loaded: Loaded, conversations: list) -> Processing:
+    def cache_root(self) -> Path | None:
+        """The --dataset_cache_dir folder, made; None when off. Raises CacheError naming a folder it cannot use."""
+        return cache_root(self.dataset_cache_dir)
+
+    def processing(self, loaded: Loaded, uses_grounding: bool) -> Processing:
         """The tokenizer and processor changed for these options and this data, in the one step that changes them
         (tuning.data.processing): the --chat_template file, the pixel options, grounding tags where the data uses
         them."""
@@ -193,7 +215,7 @@ class DataArguments:
             chat_template=self.chat_template,
             media=self.media_options(),
             grounding_format=self.grounding_format,
-            uses_grounding=grounding.uses_grounding(conversations),
+            uses_grounding=uses_grounding,
         )
 
     def encoder(self, processing: Processing) -> Encoder:

@@ -1,19 +1,36 @@
-"""Eager and lazy datasets of encoded samples, and the report of what happened to every sample."""
+"""Datasets over the encoded-data cache, and the report of what happened to every sample.
+
+Reading streams the files twice: once to count and check the records (and to learn whether the data uses grounding,
+which the processing step needs), once to encode them into a cache entry (tuning.data.cache). Neither pass keeps the
+conversations, and neither runs again while the files, the tokenizer and the options stay the same. Pixel values are
+computed per batch, from each sample's pictures, when the DataLoader reads it.
+"""
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
-from collections import Counter
-from collections.abc import Iterable
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tuning.data.encode import DroppedSample, Encoder, Sample
+from tuning.data import cache
+from tuning.data.encode import Encoder, Sample
 from tuning.data.errors import DataError, DataErrors
 from tuning.data.formats import Conversation, iter_conversations
+from tuning.data.grounding import uses_grounding
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +52,9 @@ class DataReport:
     ignored_fields: dict[str, int] = field(default_factory=dict)  # --ignore_unknown_fields: key -> samples
     lengths: list[int] = field(default_factory=list, repr=False)
     added_tokens: list[str] = field(default_factory=list)
+    cache: str = ""  # the entry the samples are read from
+    from_cache: bool = False  # read from an entry an earlier run wrote, nothing encoded
+    encode_seconds: float = 0.0
 
     def add(self, sample: Sample) -> None:
         self.samples += 1
@@ -46,12 +66,11 @@ class DataReport:
         if sample.truncated:
             self.truncated.append(sample.id)
 
-    def count_read(self, conversations: list[Conversation]) -> None:
-        for conv in conversations:
-            per_file = self.formats.setdefault(conv.file, {})
-            per_file[conv.format] = per_file.get(conv.format, 0) + 1
-        ignored = Counter(key for conv in conversations for key in set(conv.ignored_fields))
-        self.ignored_fields = dict(sorted(ignored.items()))
+    def count_read(self, conv: Conversation) -> None:
+        per_file = self.formats.setdefault(conv.file, {})
+        per_file[conv.format] = per_file.get(conv.format, 0) + 1
+        for key in set(conv.ignored_fields):
+            self.ignored_fields[key] = self.ignored_fields.get(key, 0) + 1
 
     def percentiles(self) -> dict[str, int]:
         if not self.lengths:
@@ -68,6 +87,9 @@ class DataReport:
             else ""
         )
         lines = [f"data: {', '.join(self.files)}"]
+        if self.cache:
+            how = "read from the cache at" if self.from_cache else f"encoded in {self.encode_seconds:.1f} s, cached at"
+            lines.append(f"  {self.samples} samples {how} {self.cache}")
         lines += [
             f"  {file}: " + ", ".join(f"{name} {count}" for name, count in sorted(found.items()))
             for file, found in self.formats.items()
@@ -80,7 +102,7 @@ class DataReport:
         if self.lengths:
             lines.append("  length " + ", ".join(f"{k} {v}" for k, v in self.percentiles().items()))
         if self.ignored_fields:
-            ignored = ", ".join(f"{key} ({count} samples)" for key, count in self.ignored_fields.items())
+            ignored = ", ".join(f"{key} ({count} samples)" for key, count in sorted(self.ignored_fields.items()))
             lines.append(f"  ignored fields (--ignore_unknown_fields): {ignored}")
         lines += [f"  truncated: {sample_id}" for sample_id in self.truncated]
         lines += [f"  dropped: {d['id']}: {d['reason']}" for d in self.dropped]
@@ -95,96 +117,175 @@ class DataReport:
         data["length_percentiles"] = self.percentiles()
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict, lengths: list[int]) -> DataReport:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "lengths"}
+        return cls(**known, lengths=lengths)
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def sample_to_features(sample: Sample) -> dict:
-    features = {"input_ids": sample.input_ids, "labels": sample.labels, **sample.media}
+def sample_to_features(sample: Sample, pixels: dict | None = None) -> dict:
+    """What the collators take: token lists, and the media features (with pixel values where computed)."""
+    features = {"input_ids": sample.input_ids, "labels": sample.labels, **(sample.media if pixels is None else pixels)}
     if sample.mm_token_type_ids is not None:
         features["mm_token_type_ids"] = sample.mm_token_type_ids
     return features
 
 
-class EagerDataset(Dataset):
-    """Every sample encoded up front: fastest to train from, memory grows with the data."""
+class EncodedDataset(Dataset):
+    """The samples of a cache entry, memory-mapped: a sample's tokens are read when it is, and its pixel values
+    computed then (in the DataLoader's workers, where there are any) by the encoder's processor."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, entry: cache.Entry, encoder: Encoder):
+        self.entry, self.encoder = entry, encoder
+        self._lengths: list[int] | None = None
 
     def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        return sample_to_features(self.samples[index])
+        return self.entry.num_samples
 
     @property
     def lengths(self) -> list[int]:
-        return [len(s.input_ids) for s in self.samples]
+        if self._lengths is None:
+            self._lengths = self.entry.lengths().tolist()
+        return self._lengths
 
+    def sample(self, index: int) -> Sample:
+        """The sample as encoded (no pixel values: `features` computes them)."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        ids, labels = self.entry.tokens_of(index)
+        sample = Sample(self.entry.id_of(index), ids, labels)
+        record = self.entry.media_of(index)
+        if record is not None:
+            refs = [cache.ref_from_record(r) for r in record["images"] + record["videos"]]
+            sample.images, sample.videos = refs[: len(record["images"])], refs[len(record["images"]) :]
+            sample.origin, sample.truncated = tuple(record["origin"]), record["truncated"]
+            for key in ("image_grid_thw", "video_grid_thw"):
+                if key in record:
+                    sample.media[key] = torch.tensor(record[key])
+            if "second_per_grid_ts" in record:
+                sample.media["second_per_grid_ts"] = record["second_per_grid_ts"]
+            sample.mm_token_type_ids = self.encoder._token_types(ids)
+        return sample
 
-class LazyDataset(Dataset):
-    """Samples encoded on access and not kept; validated in full before training all the same.
+    @property
+    def samples(self) -> Sequence[Sample]:
+        """Every sample, read on access (for inspection and tests)."""
+        return _Samples(self)
 
-    `entries` holds (conversation, which of its samples) for every training sample, in order. A conversation that
-    trains in several samples (a template that rewrites history) is encoded once for all of its samples that are read
-    together: in one batch (`__getitems__`, which the DataLoader calls with a batch's indices), or one after another
-    (the last conversation's samples are kept until another one is read)."""
-
-    def __init__(self, entries: list[tuple[Conversation, int]], encoder: Encoder, lengths: list[int]):
-        self.entries = entries
-        self.encoder = encoder
-        self._lengths = lengths
-        self._last: tuple[Conversation, list[Sample]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.entries)
+    def features(self, index: int) -> dict:
+        sample = self.sample(index)
+        try:
+            return sample_to_features(sample, self.encoder.pixels(sample))
+        except DataError as e:
+            # It passed validation before training, so a picture changed or went since: stop loudly.
+            raise RuntimeError(f"sample {sample.id} failed when its pictures were read for training: {e}") from e
 
     def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
+        return self.features(index)
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        features, batch = [], {}  # id(conversation) -> its samples, for this batch
-        for index in indices:
-            conv, part = self.entries[index]
-            try:
-                if id(conv) not in batch:
-                    batch[id(conv)] = self._samples_of(conv)
-                features.append(sample_to_features(batch[id(conv)][part]))
-            except (DataError, DroppedSample, IndexError) as e:
-                # It passed validation before training, so its file or image changed since: stop loudly.
-                raise RuntimeError(
-                    f"sample {conv.id} ({conv.origin}) failed on access after passing validation: {e}"
-                ) from e
-        return features
+        return [self.features(i) for i in indices]
 
-    def _samples_of(self, conv: Conversation) -> list[Sample]:
-        if self._last is None or self._last[0] is not conv:
-            self._last = (conv, self.encoder.encode(conv))
-        return self._last[1]
 
-    @property
-    def lengths(self) -> list[int]:
-        return self._lengths
+class _Samples(Sequence):
+    def __init__(self, dataset: EncodedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.dataset.sample(i) for i in range(*index.indices(len(self)))]
+        return self.dataset.sample(index if index >= 0 else len(self) + index)
 
 
 @dataclass
 class ReadData:
-    """The conversations of some files, read and checked, before any is encoded; the records that could not be
-    read are kept as errors, to be reported with the encoding errors."""
+    """Data files counted and checked: the report of what was read, the records that could not be read (reported
+    with the encoding errors), whether any sample uses grounding. `conversations()` reads the files again."""
 
     report: DataReport
-    conversations: list[Conversation]
     errors: list[DataError]
+    paths: list[str]
+    ignore_unknown_fields: bool = False
+    uses_grounding: bool = False
+    fingerprints: list[str] = field(default_factory=list)
+
+    def conversations(self) -> Iterator[Conversation]:
+        return (c for c in iter_conversations(self.paths, self.ignore_unknown_fields) if isinstance(c, Conversation))
+
+    @property
+    def usable_records(self) -> int:
+        return self.report.read - len(self.errors)
+
+    def key(self) -> dict:
+        return {"files": self.fingerprints, "ignore_unknown_fields": self.ignore_unknown_fields}
 
 
-def read_conversations(paths: Iterable[str], ignore_unknown_fields: bool = False) -> ReadData:
-    read = ReadData(DataReport(files=[str(p) for p in paths]), [], [])
+def read_conversations(
+    paths: Iterable[str], ignore_unknown_fields: bool = False, cache_root: Path | None = None, wait: bool = False
+) -> ReadData:
+    """Count and check every record of the files, streaming them; where `cache_root` holds the count of these very
+    files, it is read instead. Raises FileNotFoundError for a missing file."""
+    paths = [str(p) for p in paths]
+    for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data file not found: {path}. Check --data_path.")
+    fingerprints = [cache.file_fingerprint(p) for p in paths]
+    key = "scan-" + cache.key_of(
+        {"files": fingerprints, "ignore": ignore_unknown_fields, "code": cache.code_fingerprint()}
+    )
+
+    def scanned() -> ReadData:
+        read = _scan(paths, ignore_unknown_fields)
+        read.fingerprints = fingerprints
+        if cache_root is not None:
+            _save_scan(cache_root / f"{key}.json", read)
+        return read
+
+    if cache_root is None:
+        return scanned()
+    return cache.shared(cache_root, key, lambda: _load_scan(cache_root / f"{key}.json", paths), scanned, wait)
+
+
+def _scan(paths: list[str], ignore_unknown_fields: bool) -> ReadData:
+    read = ReadData(DataReport(files=paths), [], paths, ignore_unknown_fields)
     for item in iter_conversations(paths, ignore_unknown_fields):
         read.report.read += 1
-        (read.errors if isinstance(item, DataError) else read.conversations).append(item)
-    read.report.count_read(read.conversations)
+        if isinstance(item, DataError):
+            read.errors.append(item)
+            continue
+        read.report.count_read(item)
+        read.uses_grounding = read.uses_grounding or uses_grounding([item])
     return read
+
+
+def _save_scan(path: Path, read: ReadData) -> None:
+    data = {
+        "report": read.report.to_dict(),
+        "errors": [asdict(e) for e in read.errors],
+        "uses_grounding": read.uses_grounding,
+        "fingerprints": read.fingerprints,
+        "ignore_unknown_fields": read.ignore_unknown_fields,
+    }
+    partial = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    partial.write_text(json.dumps(data), encoding="utf-8")
+    partial.replace(path)  # whole or absent: a reader never sees half of it
+
+
+def _load_scan(path: Path, paths: list[str]) -> ReadData | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    report = DataReport.from_dict(data["report"], [])
+    report.files = paths
+    errors = [DataError(**e) for e in data["errors"]]
+    return ReadData(report, errors, paths, data["ignore_unknown_fields"], data["uses_grounding"], data["fingerprints"])
 
 
 _worker_encoder: Encoder | None = None
@@ -204,69 +305,141 @@ def _encode(conv: Conversation, encoder: Encoder | None = None) -> tuple[str, ob
     return "ok", (samples, [(d.sample_id, d.reason) for d in dropped])
 
 
-def _encode_all(conversations: list[Conversation], encoder: Encoder, workers: int, show_progress: bool):
-    if workers <= 1:
-        results = (_encode(conv, encoder) for conv in conversations)
-        yield from tqdm(results, total=len(conversations), desc="encoding", disable=not show_progress, leave=False)
+IN_PROCESS_FIRST = 512  # conversations encoded before worker processes start: their start-up costs seconds
+WINDOW = 4096  # conversations handed to the pool at a time (Pool.imap would read the whole iterable at once)
+
+
+def _encode_all(conversations: Iterator[Conversation], encoder: Encoder, workers: int, remaining: int):
+    """(outcome, value) for every conversation, in order: the first ones here, the rest across `workers` processes
+    where there are enough of them to repay starting the processes."""
+    first = list(itertools.islice(conversations, IN_PROCESS_FIRST))
+    yield from (_encode(conv, encoder) for conv in first)
+    if workers <= 1 or remaining - len(first) < IN_PROCESS_FIRST:
+        yield from (_encode(conv, encoder) for conv in conversations)
         return
     import multiprocessing
 
     # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang in the image processor
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_set_worker_encoder, initargs=(encoder,)) as pool:
-        results = pool.imap(_encode, conversations, chunksize=16)
-        yield from tqdm(results, total=len(conversations), desc="encoding", disable=not show_progress, leave=False)
+        while window := list(itertools.islice(conversations, WINDOW)):
+            yield from pool.imap(_encode, window, chunksize=16)
+
+
+def default_workers() -> int:
+    """The cores this process may run on (the other ranks of a node wait while its first rank encodes)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def dataset_key(read: ReadData, encoder: Encoder) -> str:
+    return cache.key_of({"data": read.key(), "encoder": encoder.fingerprint(), "code": cache.code_fingerprint()})
 
 
 def encode_dataset(
     read: ReadData,
     encoder: Encoder,
     *,
-    lazy: bool = False,
+    cache_root: Path | None = None,
     skip_bad_samples: bool = False,
     show_progress: bool = True,
-    workers: int = 1,
-) -> tuple[Dataset, DataReport]:
-    """Validate and encode every conversation read. Raises DataErrors listing every bad sample (those that could not
-    be read too), unless skipping them."""
-    report, conversations, errors = read.report, read.conversations, list(read.errors)
-    entries, samples = [], []
-    for conv, (outcome, value) in zip(
-        conversations, _encode_all(conversations, encoder, workers, show_progress), strict=True
-    ):
-        if outcome == "bad":
-            errors.append(DataError(**value))
-            continue
-        kept, dropped = value
-        report.dropped += [{"id": sample_id, "reason": reason} for sample_id, reason in dropped]
-        report.usable += bool(kept)
-        for part, sample in enumerate(kept):
-            report.add(sample)
-            entries.append((conv, part))
-            if not lazy:
-                samples.append(sample)
-    if errors and not skip_bad_samples:
+    workers: int | None = 1,
+    wait: bool = False,
+) -> tuple[EncodedDataset, DataReport]:
+    """Validate and encode every conversation read into a cache entry, or read the entry an earlier run wrote for the
+    same files, tokenizer, processor and options. Raises DataErrors listing every bad sample (those that could not be
+    read too), unless skipping them. `wait`: another rank of this node encodes; wait for its entry."""
+    root = cache_root or Path(tempfile.mkdtemp(dir=_temporary_root()))  # no cache: this call's own folder
+    key = dataset_key(read, encoder)
+
+    written = []
+
+    def made() -> cache.Entry:
+        written.append(key)
+        return _write_entry(read, encoder, root, key, skip_bad_samples, show_progress, workers or default_workers())
+
+    entry = cache.shared(root, key, lambda: cache.find(root, key), made, wait)
+    report = _report_of(entry, read, from_cache=not written)
+    if cache_root is None:
+        report.cache = ""  # a temporary folder, gone at exit: nothing to tell
+    errors = [DataError(**e) for e in entry.manifest["errors"]]
+    if errors and not skip_bad_samples:  # an entry written under --skip_bad_samples, read without it
         raise DataErrors(errors)
-    report.bad = [str(e) for e in errors]
-    if not entries:
-        reasons = [DataError(", ".join(report.files), f"sample {d['id']}", d["reason"]) for d in report.dropped]
-        raise DataErrors(errors + reasons or [DataError(", ".join(report.files), "all samples", "no usable sample")])
-    dataset = LazyDataset(entries, encoder, report.lengths[:]) if lazy else EagerDataset(samples)
-    return dataset, report
+    return EncodedDataset(entry, encoder), report
+
+
+def _report_of(entry: cache.Entry, read: ReadData, from_cache: bool) -> DataReport:
+    report = DataReport.from_dict(entry.manifest["report"], entry.lengths().tolist())
+    report.files = read.report.files
+    report.cache, report.from_cache = str(entry.folder), from_cache
+    return report
+
+
+def _write_entry(read: ReadData, encoder, root, key, skip_bad_samples, show_progress, workers) -> cache.Entry:
+    started = time.perf_counter()
+    report = DataReport(**{k: v for k, v in asdict(read.report).items() if k in ("files", "read", "formats")})
+    report.ignored_fields = dict(read.report.ignored_fields)
+    errors = list(read.errors)
+    writer = cache.EntryWriter(root, key)
+    try:
+        outcomes = _encode_all(read.conversations(), encoder, workers, read.usable_records)
+        bar = tqdm(
+            outcomes, total=read.usable_records, desc="encoding", unit=" samples", delay=2, disable=not show_progress
+        )
+        for outcome, value in bar:
+            if outcome == "bad":
+                errors.append(DataError(**value))
+                continue
+            kept, dropped = value
+            report.dropped += [{"id": sample_id, "reason": reason} for sample_id, reason in dropped]
+            report.usable += bool(kept)
+            for sample in kept:
+                report.add(sample)
+                writer.add(sample)
+        if errors and not skip_bad_samples:
+            raise DataErrors(errors)
+        report.bad = [str(e) for e in errors]
+        if not report.samples:
+            reasons = [DataError(", ".join(report.files), f"sample {d['id']}", d["reason"]) for d in report.dropped]
+            raise DataErrors(
+                errors + reasons or [DataError(", ".join(report.files), "all samples", "no usable sample")]
+            )
+    except BaseException:
+        writer.abandon()
+        raise
+    report.encode_seconds = time.perf_counter() - started
+    manifest = {"report": report.to_dict(), "errors": [asdict(e) for e in errors]}
+    return cache.Entry(writer.commit(manifest))
+
+
+_temporary: Path | None = None
+
+
+def _temporary_root() -> Path:
+    """Where entries go under --dataset_cache_dir none: a folder of this process, removed when it exits."""
+    global _temporary
+    if _temporary is None:
+        _temporary = Path(tempfile.mkdtemp(prefix="qwen-tuning-data-"))
+        atexit.register(shutil.rmtree, _temporary, ignore_errors=True)
+    return _temporary
 
 
 def build_dataset(
     paths: list[str],
     encoder: Encoder,
     *,
-    lazy: bool = False,
     skip_bad_samples: bool = False,
     show_progress: bool = True,
     workers: int = 1,
     ignore_unknown_fields: bool = False,
-) -> tuple[Dataset, DataReport]:
+    cache_root: Path | None = None,
+) -> tuple[EncodedDataset, DataReport]:
     """Read, validate and encode every sample of the files (read_conversations, then encode_dataset)."""
-    read = read_conversations(paths, ignore_unknown_fields)
+    read = read_conversations(paths, ignore_unknown_fields, cache_root)
     return encode_dataset(
-        read, encoder, lazy=lazy, skip_bad_samples=skip_bad_samples, show_progress=show_progress, workers=workers
+        read,
+        encoder,
+        cache_root=cache_root,
+        skip_bad_samples=skip_bad_samples,
+        show_progress=show_progress,
+        workers=workers,
     )

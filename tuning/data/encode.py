@@ -18,7 +18,8 @@ import torch
 
 from tuning.data import grounding
 from tuning.data.conversation import BoxRef, Conversation, ImageRef, VideoRef
-from tuning.data.media.images import ImageLimits
+from tuning.data.errors import DataError
+from tuning.data.media.images import ImageLimits, ImageLoadError
 from tuning.data.media.processor import MediaProcessor
 from tuning.data.template import ChatTemplate, Rendered, Segment, TemplateError
 from tuning.families import AUTO, GENERIC, Family, GroundingStyle, end_of_text, grounding_style, require_support
@@ -32,9 +33,13 @@ class Sample:
     id: str
     input_ids: list[int]
     labels: list[int]
-    media: dict = field(default_factory=dict)  # pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, ...
+    # image_grid_thw, video_grid_thw, second_per_grid_ts; pixel_values(_videos) once computed (Encoder.pixels)
+    media: dict = field(default_factory=dict)
     mm_token_type_ids: list[int] | None = None  # 1 for image tokens, 2 for video tokens
     truncated: bool = False
+    images: list[ImageRef] = field(default_factory=list)  # the pictures and videos it shows, to compute pixels from
+    videos: list[VideoRef] = field(default_factory=list)
+    origin: tuple[str, str] = ("", "")  # (file, "line N"): for an error found when its pixels are computed
 
     @property
     def pixel_values(self) -> torch.Tensor | None:
@@ -123,6 +128,21 @@ class Encoder:
 
     # -- public -----------------------------------------------------------------------------------
 
+    def fingerprint(self) -> dict:
+        """Everything that shapes this encoder's samples, for the cache key (tuning.data.cache): the tokenizer and
+        processor as the run changed them, the chat template, every option."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = {
+                "tokenizer": _tokenizer_state(self.tokenizer),
+                "processor": _processor_state(self.processor),
+                "template": [self.template.template or self.tokenizer.chat_template, self.template.template_kwargs],
+                "family": self.family.name,
+                "grounding": repr(self.grounding),
+                "options": [self.max_length, self.overlong, self.image_folder, repr(self.image_limits)],
+                "more": [self.max_images, self.train_on_last_turn_only],
+            }
+        return self._fingerprint
+
     def encode(self, conv: Conversation) -> list[Sample]:
         """Every training sample of a conversation: one, or several where the template rewrites history.
         Raises DroppedSample when none fits --model_max_length."""
@@ -138,7 +158,7 @@ class Encoder:
                 return [self._encode_pretrain(conv)], []
             except DroppedSample as e:
                 return [], [e]
-        media = self.media.process(conv)
+        media = self.media.plan(conv)  # pixel values are computed per batch (Encoder.pixels), never held for a set
         messages = self._template_messages(conv, media.original_sizes, self.media.resized_sizes(media))
         try:
             rendered = self.template.samples(
@@ -157,6 +177,16 @@ class Encoder:
                 dropped.append(e)
         return samples, dropped
 
+    def pixels(self, sample: Sample) -> dict:
+        """The sample's media features with pixel values, computed now from its pictures and videos."""
+        if not (sample.images or sample.videos):
+            return dict(sample.media)
+        try:
+            computed = self.media.pixels(sample.images, sample.videos, sample.media)
+        except (ImageLoadError, ValueError, RuntimeError) as e:
+            raise DataError(*sample.origin, str(e)) from None
+        return {**sample.media, **{k: v for k, v in computed.items() if k.startswith("pixel_values")}}
+
     def placeholder_image_sample(self) -> Sample:
         """One blank picture and nothing to learn (all labels -100): added to a picture-less packed batch so
         that every rank's vision tower and projector take part in the step (DeepSpeed reduces gradients of
@@ -170,7 +200,7 @@ class Encoder:
 
     def template_messages(self, conv: Conversation) -> list[dict]:
         """The messages as the chat template takes them (for the parity tests and for inspection)."""
-        media = self.media.process(conv)
+        media = self.media.plan(conv)
         return self._template_messages(conv, media.original_sizes, self.media.resized_sizes(media))
 
     def prompt(self, conv: Conversation) -> dict:
@@ -249,7 +279,9 @@ class Encoder:
         shown = conv.messages[: rendered.num_messages]
         images, videos = sum(len(m.images) for m in shown), sum(len(m.videos) for m in shown)
         tokens = self._tokenize(conv, rendered, media.image_texts[:images], media.video_texts[:videos])
-        sample = Sample(sample_id, tokens.ids, tokens.labels, media.first(images, videos))
+        sample = _with_refs(
+            Sample(sample_id, tokens.ids, tokens.labels, media.first(images, videos)), media, conv, images, videos
+        )
         if len(sample.input_ids) > self.max_length:
             sample = self._truncate(conv, sample, tokens.cuts, media)
         if sample.num_images or sample.num_videos:
@@ -325,6 +357,7 @@ class Encoder:
             raise DroppedSample(sample.id, f"{why}; even its first answer does not fit")
         keep, images, videos = fitting[-1]
         kept = Sample(sample.id, sample.input_ids[:keep], sample.labels[:keep], media.first(images, videos))
+        kept = _with_refs(kept, media, conv, images, videos)
         kept.truncated = True
         return kept
 
@@ -352,6 +385,31 @@ class Encoder:
             raise conv.error(f"{len(ids)} tokens, over --model_max_length {self.max_length}", "shorten the text")
         ids = ids[: self.max_length]
         return Sample(conv.id, ids, list(ids), truncated=truncated)
+
+
+def _tokenizer_state(tokenizer) -> str:
+    import xxhash
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return xxhash.xxh3_128_hexdigest(f"{type(tokenizer).__name__}|{tokenizer.special_tokens_map}|{vocab}".encode())
+
+
+def _processor_state(processor) -> str | None:
+    if processor is None:
+        return None
+    parts = [type(processor).__name__, getattr(processor, "image_token", None), getattr(processor, "video_token", None)]
+    for name in ("image_processor", "video_processor"):
+        sub = getattr(processor, name, None)
+        parts.append(sub.to_json_string() if sub is not None else None)
+    return repr(parts)
+
+
+def _with_refs(sample: Sample, media, conv: Conversation, images: int, videos: int) -> Sample:
+    """The sample with the references of the first pictures and videos it shows, and where it was read."""
+    sample.images, sample.videos = media.images[:images], media.videos[:videos]
+    sample.origin = (conv.file, conv.where)
+    return sample
 
 
 def _count(text: str, token: str | None) -> int:

@@ -26,6 +26,8 @@ class Media:
     image_texts: list[str] = field(default_factory=list)  # what each image placeholder becomes
     video_texts: list[str] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each picture file
+    images: list[ImageRef] = field(default_factory=list)  # the references, in order, to compute pixels from later
+    videos: list[VideoRef] = field(default_factory=list)
 
     @property
     def image_grid(self) -> torch.Tensor | None:
@@ -36,15 +38,18 @@ class Media:
         return self.features.get("video_grid_thw")
 
     def first(self, images: int, videos: int) -> dict:
-        """The features of the first `images` pictures and `videos` videos (a sample holding a prefix of them)."""
+        """The features of the first `images` pictures and `videos` videos (a sample holding a prefix of them);
+        pixel values only where they were computed (MediaProcessor.plan computes none)."""
         out = {}
         if images:
             grid = self.image_grid[:images]
-            out["pixel_values"] = self.features["pixel_values"][: int(grid.prod(dim=1).sum())]
+            if "pixel_values" in self.features:
+                out["pixel_values"] = self.features["pixel_values"][: int(grid.prod(dim=1).sum())]
             out["image_grid_thw"] = grid
         if videos:
             grid = self.video_grid[:videos]
-            out["pixel_values_videos"] = self.features["pixel_values_videos"][: int(grid.prod(dim=1).sum())]
+            if "pixel_values_videos" in self.features:
+                out["pixel_values_videos"] = self.features["pixel_values_videos"][: int(grid.prod(dim=1).sum())]
             out["video_grid_thw"] = grid
             if "second_per_grid_ts" in self.features:
                 out["second_per_grid_ts"] = [float(t) for t in self.features["second_per_grid_ts"][:videos]]
@@ -61,6 +66,7 @@ class MediaProcessor:
         self.image_token = getattr(processor, "image_token", None)
         self.video_token = getattr(processor, "video_token", None)
         self.image_folder, self.limits, self.max_images = image_folder, limits, max_images
+        self._sized: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}  # picture size -> (text, grid row)
         tokens = [t for t in (self.image_token, self.video_token) if t]
         # what the chat template writes for each picture and video (None for a text-only model)
         self.placeholder_pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
@@ -78,6 +84,32 @@ class MediaProcessor:
         return self.resized_sizes(self._run([image], [], [image.size]))[0]
 
     def process(self, conv: Conversation) -> Media:
+        """Every picture and video loaded, checked and run through the processor, pixel values included."""
+        return self._process(conv, pixels=True)
+
+    def plan(self, conv: Conversation) -> Media:
+        """What `process` gives but the pixel values: each picture is loaded (so a file that cannot be read fails
+        now) and its token text and grid found from its size, run through the processor once per distinct size
+        (a resize depends on the size alone); a video is processed and its pixels let go. `pixels` computes them
+        per batch, from `Media.images` and `Media.videos`."""
+        return self._process(conv, pixels=False)
+
+    def pixels(self, images: list[ImageRef], videos: list[VideoRef], grids: dict) -> dict:
+        """The pixel features of a sample's pictures and videos, computed now, by the same loaders, limits and
+        processor as at encoding; `grids` (image_grid_thw, video_grid_thw as encoded) must come out the same."""
+        loaded = [load_image(ref, self.image_folder, self.limits) for ref in images]
+        media = self._run(loaded, [self.load_video(ref) for ref in videos], [image.size for image in loaded])
+        for key in ("image_grid_thw", "video_grid_thw"):
+            if key in grids and not torch.equal(media.features[key], torch.as_tensor(grids[key])):
+                names = ", ".join(_name(ref) for ref in [*images, *videos])
+                raise ImageLoadError(
+                    f"a picture or video of {names} changed size since the data was encoded ({key} "
+                    f"{media.features[key].tolist()}, encoded as {torch.as_tensor(grids[key]).tolist()}); "
+                    "restore the file, or encode again (change or clear --dataset_cache_dir)"
+                )
+        return media.features
+
+    def _process(self, conv: Conversation, pixels: bool) -> Media:
         found = [(part, i) for i, m in enumerate(conv.messages) for part in m.media]
         if not found:
             return Media()
@@ -101,12 +133,31 @@ class MediaProcessor:
                     videos.append(self.load_video(part))
             except ImageLoadError as e:
                 raise conv.error(str(e), "", index, "content") from None
+        refs = ([p for p, _ in found if isinstance(p, ImageRef)], [p for p, _ in found if isinstance(p, VideoRef)])
         try:
-            return self._run(images, videos, sizes)
+            media = self._run(images, videos, sizes) if pixels else self._planned(images, videos, sizes)
         except (ValueError, RuntimeError) as e:  # a video the processor cannot take (too few frames, ...)
             raise conv.error(
                 f"the processor refused the pictures or videos ({e})", "", found[0][1], "content"
             ) from None
+        media.images, media.videos = refs
+        return media
+
+    def _planned(self, images: list, videos: list, sizes: list) -> Media:
+        """Media without pixel values: pictures through the per-size memo, videos processed and let go."""
+        per_image = [self._by_size(image) for image in images]
+        media = self._run([], videos, []) if videos else Media()
+        features = {k: v for k, v in media.features.items() if k != "pixel_values_videos"}
+        if per_image:
+            features["image_grid_thw"] = torch.cat([grid for _, grid in per_image])
+        return Media(features, [text for text, _ in per_image], media.video_texts, sizes)
+
+    def _by_size(self, image) -> tuple[str, torch.Tensor]:
+        """(the placeholder's text, the grid row) of one picture, computed once per size."""
+        if image.size not in self._sized:
+            run = self._run([image], [], [image.size])
+            self._sized[image.size] = (run.image_texts[0], run.image_grid)
+        return self._sized[image.size]
 
     def _need(self, conv: Conversation, sub_processor, what: str, index: int) -> None:
         if sub_processor is None:
@@ -154,3 +205,12 @@ class MediaProcessor:
 
         side = self.image_processor.patch_size * self.image_processor.merge_size
         return self._run([Image.new("RGB", (side, side), (128, 128, 128))], [], [(side, side)])
+
+
+def _name(ref: ImageRef | VideoRef) -> str:
+    source = ref.source
+    if isinstance(source, bytes):
+        return f"an embedded picture ({len(source)} bytes)"
+    if isinstance(source, tuple):
+        return f"the frames {source[0]}..."
+    return source if len(source) < 120 else source[:60] + "..."
