@@ -59,6 +59,14 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None, metadata={"help": "A checkpoint folder, or 'auto' for the newest in --output_dir."}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: samples carry images."})
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that read batches and compute their pixel values while the model trains. Default: "
+            "on a GPU machine up to 4 per rank (of the cores the node's ranks share); on a CPU 0, as the training "
+            "itself takes every core."
+        },
+    )
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count real tokens, for the tokens/s log."}
     )

@@ -30,7 +30,6 @@ COMMON_ARGS=(
     --save_total_limit 10
     --model_max_length 2048
     --gradient_checkpointing True
-    --lazy_preprocess True
 )
 
 usage() {

@@ -32,7 +32,14 @@ from tuning.callbacks import LossPlotCallback, SampleGenerationCallback, StopOnS
 from tuning.checkpoints import RestoreFullWeights, resolve_resume, resume_command, save_final, save_run_args
 from tuning.data.cache import CacheError
 from tuning.data.collate import FlatteningCollator, PaddingCollator
-from tuning.data.dataset import DataReport, ReadData, encode_dataset, read_conversations, sample_to_features
+from tuning.data.dataset import (
+    DataReport,
+    ReadData,
+    default_workers,
+    encode_dataset,
+    read_conversations,
+    sample_to_features,
+)
 from tuning.data.encode import Encoder
 from tuning.data.errors import DataError, DataErrors
 from tuning.data.processing import Processing, load_processing
@@ -112,12 +119,28 @@ def settle_arguments(values: dict) -> list[str]:
         reason = "the reentrant kind loses the gradients of layers whose inputs need none (frozen embeddings)"
         change("gradient_checkpointing_kwargs", {"use_reentrant": False}, reason)
     _activation_checkpointing_names(values)
+    if values.get("dataloader_num_workers") is None:
+        values["dataloader_num_workers"] = dataloader_workers(torch.cuda.is_available())
+        if values["dataloader_num_workers"]:
+            changes.append(
+                f"--dataloader_num_workers {values['dataloader_num_workers']}: batches and their pixel "
+                "values are prepared beside the GPU"
+            )
     config = _config_or_none(values["model_name_or_path"], values.get("trust_remote_code", False))
     if config is not None:
         changes += _settle_for_model(values, config)
     if values.get("packing") and values.get("include_num_input_tokens_seen") == "non_padding":
         change("include_num_input_tokens_seen", "all", "a packed batch has no padding (and no mask to count it by)")
     return changes
+
+
+def dataloader_workers(gpu: bool) -> int:
+    """On a GPU up to 4 workers a rank, within the cores its node's ranks share; on a CPU none: the training
+    takes every core, and workers would only compete with it."""
+    if not gpu:
+        return 0
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, default_workers() // ranks_here - 1))
 
 
 def _activation_checkpointing_names(values: dict) -> None:
