@@ -250,3 +250,21 @@ def test_two_ranks_share_one_encoding(tiny_vl, tmp_path):
     assert report["cache"] == str(entries[0]) and not report["from_cache"] and report["samples"] == 9
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and all(e["loss"] == e["loss"] for e in state["log_history"] if "loss" in e)
+
+
+def test_pixels_computed_in_dataloader_workers_train_the_same(tiny_vl, tmp_path):
+    from tests.conftest import run_env
+
+    def losses(workers: int) -> list[float]:
+        out = tmp_path / f"w{workers}"
+        args = small_run_args(tiny_vl, out, FILES, "--max_steps", "3", "--per_device_train_batch_size", "3")
+        args += ["--dataloader_num_workers", str(workers), "--dataset_cache_dir", str(tmp_path / "cache")]
+        result = subprocess.run(
+            [PYTHON, "finetune.py", *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        state = json.loads((out / "trainer_state.json").read_text())
+        return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+    in_workers, in_process = losses(2), losses(0)
+    assert in_workers == in_process and len(in_process) == 3
