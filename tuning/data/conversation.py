@@ -9,10 +9,15 @@ from tuning.data.errors import DataError
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image named in the data: a path, an http(s) URL or a data URI, with the folder it is relative to."""
+    """An image named in the data: a path, an http(s) URL or a data URI, with the folder it is relative to; or
+    `bytes`, the encoded image file itself, as a parquet file or a saved dataset embeds it."""
 
-    source: str
+    source: str | bytes
     base_dir: str
+
+    def __repr__(self) -> str:  # embedded bytes would fill a log or a test failure with megabytes
+        source = f"<{len(self.source)} bytes>" if isinstance(self.source, bytes) else repr(self.source)
+        return f"ImageRef({source}, {self.base_dir!r})"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Load an image named in the data: a local path, an http(s) URL or a data: URI, within limits."""
+"""Load an image named in the data: a local path, an http(s) URL, a data: URI or the bytes of an image file
+embedded in the data, within limits."""
 
 from __future__ import annotations
 
@@ -134,8 +135,17 @@ def _data_uri(uri: str) -> bytes:
         raise ImageLoadError("the data: URI's base64 payload does not decode") from None
 
 
+def _embedded(data: bytes, limits: ImageLimits) -> Image.Image:
+    name = f"embedded in the data ({len(data)} bytes)"
+    if len(data) > limits.max_bytes:
+        raise ImageLoadError(f"image {name} is over the limit of {limits.max_bytes} bytes")
+    return _decode(data, name, limits)
+
+
 def load_image(ref: ImageRef, image_folder: str | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
     source = ref.source
+    if isinstance(source, bytes):
+        return _embedded(source, limits)
     if source.startswith(("http://", "https://")):
         return _decode(fetch_url(source, limits), source, limits)
     if source.startswith("data:"):
