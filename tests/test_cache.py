@@ -268,3 +268,17 @@ def test_pixels_computed_in_dataloader_workers_train_the_same(tiny_vl, tmp_path)
 
     in_workers, in_process = losses(2), losses(0)
     assert in_workers == in_process and len(in_process) == 3
+
+
+def test_the_same_content_at_another_path_is_another_entry(tiny_vl, tmp_path):
+    """Errors name the file and relative pictures resolve against its folder: a copy elsewhere is a miss."""
+    copies = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        copies.append(str(shutil.copy(DATA / "example_chatml.jsonl", tmp_path / folder / "d.jsonl")))
+    root = tmp_path / "cache"
+    root.mkdir()
+    _, first, _ = prepared(tiny_vl, root, files=[copies[0]])
+    _, second, _ = prepared(tiny_vl, root, files=[copies[1]])
+    assert not second.from_cache and second.cache != first.cache
+    assert list(second.formats) == [str(copies[1])]

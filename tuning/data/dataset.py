@@ -235,7 +235,8 @@ def read_conversations(
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"data file not found: {path}. Check --data_path.")
-    fingerprints = [cache.file_fingerprint(p) for p in paths]
+    # the path is in the key too: errors name it, and relative picture paths resolve against its folder
+    fingerprints = [f"{Path(p).resolve()}:{cache.file_fingerprint(p)}" for p in paths]
     key = "scan-" + cache.key_of(
         {"files": fingerprints, "ignore": ignore_unknown_fields, "code": cache.code_fingerprint()}
     )
