@@ -209,12 +209,12 @@ class DataRead:
 def read_data(args: RunArguments) -> DataRead:
     """Every record of the train and eval files counted and checked, streaming them (or the count of the same files
     read from the cache), before anything is loaded."""
-    data, wait = args.data, waits_for_node(args.training)
+    data, wait, tell = args.data, waits_for_node(args.training), args.training.process_index == 0
     try:
         root = data.cache_root()
-        train = read_conversations(data.data_path, data.ignore_unknown_fields, root, wait)
+        train = read_conversations(data.data_path, data.ignore_unknown_fields, root, wait, tell)
         held_out = (
-            read_conversations(data.eval_data_path, data.ignore_unknown_fields, root, wait)
+            read_conversations(data.eval_data_path, data.ignore_unknown_fields, root, wait, tell)
             if data.eval_data_path
             else None
         )

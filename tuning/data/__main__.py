@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     data_args, check_args = built
     try:
         root = data_args.cache_root()
-        read = read_conversations(data_args.data_path, data_args.ignore_unknown_fields, root)
+        read = read_conversations(
+            data_args.data_path, data_args.ignore_unknown_fields, root, False, sys.stderr.isatty()
+        )
     except (FileNotFoundError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tuning.data import cache
 from tuning.data.encode import Encoder, Sample
 from tuning.data.errors import DataError, DataErrors
+from tuning.data.files import estimate_records
 from tuning.data.formats import Conversation, iter_conversations
 from tuning.data.grounding import uses_grounding
 
@@ -227,7 +228,11 @@ class ReadData:
 
 
 def read_conversations(
-    paths: Iterable[str], ignore_unknown_fields: bool = False, cache_root: Path | None = None, wait: bool = False
+    paths: Iterable[str],
+    ignore_unknown_fields: bool = False,
+    cache_root: Path | None = None,
+    wait: bool = False,
+    show_progress: bool = False,
 ) -> ReadData:
     """Count and check every record of the files, streaming them; where `cache_root` holds the count of these very
     files, it is read instead. Raises FileNotFoundError for a missing file."""
@@ -242,7 +247,7 @@ def read_conversations(
     )
 
     def scanned() -> ReadData:
-        read = _scan(paths, ignore_unknown_fields)
+        read = _scan(paths, ignore_unknown_fields, show_progress)
         read.fingerprints = fingerprints
         if cache_root is not None:
             _save_scan(cache_root / f"{key}.json", read)
@@ -253,9 +258,12 @@ def read_conversations(
     return cache.shared(cache_root, key, lambda: _load_scan(cache_root / f"{key}.json", paths), scanned, wait)
 
 
-def _scan(paths: list[str], ignore_unknown_fields: bool) -> ReadData:
+def _scan(paths: list[str], ignore_unknown_fields: bool, show_progress: bool) -> ReadData:
     read = ReadData(DataReport(files=paths), [], paths, ignore_unknown_fields)
-    for item in iter_conversations(paths, ignore_unknown_fields):
+    counts = [estimate_records(p) for p in paths] if show_progress else []
+    total = sum(counts) if counts and None not in counts else None
+    items = iter_conversations(paths, ignore_unknown_fields)
+    for item in tqdm(items, total=total, desc="reading", unit=" records", delay=2, disable=not show_progress):
         read.report.read += 1
         if isinstance(item, DataError):
             read.errors.append(item)

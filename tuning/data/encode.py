@@ -9,11 +9,11 @@ turn's target (reasoning, content, tool calls, end-of-turn token) is supervised.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tuning.data import grounding
@@ -319,19 +319,21 @@ class Encoder:
         texts = self._expand_media(conv, rendered.segments, image_texts, video_texts)
         starts = list(itertools.accumulate(map(len, texts), initial=0))
         encoded = self.tokenizer("".join(texts), add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        labels, segment_of_token = [], []
+        ids, offsets = encoded["input_ids"], np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        # each token's segment, found for all tokens at once: the one its first character is in
+        bounds = np.asarray(starts, dtype=np.int64)
         last = len(rendered.segments) - 1
-        for token, (begin, end) in zip(ids, offsets, strict=True):
-            segment = min(bisect.bisect_right(starts, begin) - 1, last)
-            if end > starts[segment + 1]:
-                raise self._straddle(conv, rendered, texts, segment)
-            segment_of_token.append(segment)
-            labels.append(token if rendered.segments[segment].supervised else IGNORE_INDEX)
+        segment_of_token = np.minimum(np.searchsorted(bounds, offsets[:, 0], side="right") - 1, last)
+        straddling = np.flatnonzero(offsets[:, 1] > bounds[segment_of_token + 1])
+        if len(straddling):
+            raise self._straddle(conv, rendered, texts, int(segment_of_token[straddling[0]]))
+        supervised = np.asarray([s.supervised for s in rendered.segments])[segment_of_token]
+        labels = np.where(supervised, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
         pictures = list(itertools.accumulate(_count(s.text, self.image_token) for s in rendered.segments))
         videos = list(itertools.accumulate(_count(s.text, self.video_token) for s in rendered.segments))
         ends = _turn_ends(rendered.segments)
-        cuts = [(bisect.bisect_right(segment_of_token, i), pictures[i], videos[i]) for i in ends]
+        after = np.searchsorted(segment_of_token, ends, side="right").tolist()  # token index after each turn end
+        cuts = [(cut, pictures[i], videos[i]) for cut, i in zip(after, ends, strict=True)]
         return _Tokens(ids, labels, cuts)
 
     def _straddle(self, conv: Conversation, rendered: Rendered, texts: list[str], segment: int):
