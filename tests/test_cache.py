@@ -282,3 +282,17 @@ def test_the_same_content_at_another_path_is_another_entry(tiny_vl, tmp_path):
     _, second, _ = prepared(tiny_vl, root, files=[copies[1]])
     assert not second.from_cache and second.cache != first.cache
     assert list(second.formats) == [str(copies[1])]
+
+
+def test_length_grouping_reads_the_lengths_not_every_sample(tiny_vl, tmp_path, monkeypatch):
+    """The stock sampler measures samples by reading them, which now computes their pixels: it gets the cache's
+    lengths instead, and one step reads its batch and the next (accelerate's loader reads one ahead), not all 9."""
+    from finetune import train
+    from tuning.data.dataset import EncodedDataset
+
+    read = []
+    features = EncodedDataset.features
+    monkeypatch.setattr(EncodedDataset, "features", lambda self, i: read.append(i) or features(self, i))
+    args = small_run_args(tiny_vl, tmp_path / "out", FILES, "--max_steps", "1", "--per_device_train_batch_size", "2")
+    train([*args, "--train_sampling_strategy", "group_by_length", "--dataset_cache_dir", str(tmp_path / "cache")])
+    assert len(read) <= 4, read

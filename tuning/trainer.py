@@ -113,6 +113,18 @@ class TokenBudgetBatches:
         )
         return self.accelerator.prepare(loader)
 
+    def _get_train_sampler(self, train_dataset=None):
+        """--train_sampling_strategy group_by_length with the dataset's own lengths: the stock sampler would read
+        every sample to measure it, computing the pixels of every picture in the set before the first step."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=lengths)
+
 
 class LearningRatesByPart:
     """`lr_by_prefix`: the parameters under each name prefix train at a learning rate of their own, in param
