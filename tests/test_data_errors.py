@@ -163,7 +163,11 @@ def test_check_command_shows_dumps_and_exits_by_outcome(tiny_vl, tmp_path, bad_f
 def test_worker_processes_encode_the_same_and_report_the_same(vl_processing, bad_folder, monkeypatch):
     from tuning.data import dataset
 
-    monkeypatch.setattr(dataset, "IN_PROCESS_FIRST", 3)  # the pool starts after 3 conversations, not 512
+    monkeypatch.setattr(dataset, "IN_PROCESS_FIRST", 3)  # the pool starts after 3 conversations, not 512,
+    monkeypatch.setattr(dataset, "POOL_WORTH_S", 0.0)  # however quick the rest would be in-process
+    pools = []
+    hidden = dataset._main_script_hidden
+    monkeypatch.setattr(dataset, "_main_script_hidden", lambda: pools.append(1) or hidden())
     records = [qwen_vl("good", "hi", "hello")] + [BAD_CASES[c][0] for c in sorted(BAD_CASES)]
     files = [str(write_json(bad_folder / "bad.json", records)), str(DATA / "example.json")]
     encoder = encoder_for(vl_processing, max_images=2)
@@ -174,3 +178,4 @@ def test_worker_processes_encode_the_same_and_report_the_same(vl_processing, bad
         k: v for k, v in two_report.to_dict().items() if k not in timing
     }
     assert [s.input_ids for s in one.samples] == [s.input_ids for s in two.samples]
+    assert pools == [1]  # the second encoding did go through worker processes

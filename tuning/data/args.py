@@ -63,7 +63,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Processes that encode the data (default: the cores this rank may use; the other ranks of a node "
-            "wait for its first rank). A set under about a thousand samples is encoded in-process."
+            "wait for its first rank). A set that encodes in under about 10 s is encoded in-process."
         },
     )
     packing: bool = field(
