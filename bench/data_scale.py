@@ -774,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pictures", help=f"picture counts (default {','.join(map(str, PICTURES))}); '' none")
     parser.add_argument("--quick", action="store_true", help="200/2,000 chats and 20/100 pictures: does it all run?")
     parser.add_argument("--ranks", default="1,2", help="training runs with these rank counts ('' for none)")
+    parser.add_argument("--picture_ranks", help="the same for the pictures (default: --ranks)")
     parser.add_argument("--batch", type=int, default=2, help="--per_device_train_batch_size of the training runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per command (default 4 h; quick 15 min)")
@@ -786,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_sizes(args.pictures) if args.pictures is not None else list(QUICK_PICTURES if args.quick else PICTURES)
     )
     ranks = parse_sizes(args.ranks)
+    picture_ranks = ranks if args.picture_ranks is None else parse_sizes(args.picture_ranks)
     timeout = args.timeout or (900 if args.quick else 4 * 3600)
     work = Path(tempfile.mkdtemp(prefix="data-scale-"))
     log(f"working in {work}")
@@ -824,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
             run_pair(
                 "pictures", size, "prepare", lambda c, _o, d=data: prepare_command(d, vl_model, c), work, timeout, runs
             )
-            for n in ranks:
+            for n in picture_ranks:
                 run_pair(
                     "pictures",
                     size,
