@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import torch
 import xxhash
 
 from tuning.data.conversation import ImageRef, VideoRef
+from tuning.data.encode import Sample
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,7 +183,7 @@ def _remove_abandoned(root: Path, older_than_s: float = 24 * 3600) -> None:
             pass
 
 
-def _media_record(sample) -> bytes:
+def _media_record(sample: Sample) -> bytes:
     if not (sample.images or sample.videos):
         return b""
     record = {
@@ -205,7 +207,23 @@ def _ref_record(ref: ImageRef | VideoRef) -> dict:
     return {"kind": kind, "source": source, "base_dir": ref.base_dir}
 
 
-def ref_from_record(record: dict) -> ImageRef | VideoRef:
+def _with_media_record(sample: Sample, data: bytes) -> Sample:
+    """The sample with what _media_record wrote for it: its pictures and videos, their grids, where it was read."""
+    if not data:
+        return sample
+    record = json.loads(data)
+    sample.images = [_ref_from_record(r) for r in record["images"]]
+    sample.videos = [_ref_from_record(r) for r in record["videos"]]
+    sample.origin, sample.truncated = tuple(record["origin"]), record["truncated"]
+    for key in ("image_grid_thw", "video_grid_thw"):
+        if key in record:
+            sample.media[key] = torch.tensor(record[key])
+    if "second_per_grid_ts" in record:
+        sample.media["second_per_grid_ts"] = record["second_per_grid_ts"]
+    return sample
+
+
+def _ref_from_record(record: dict) -> ImageRef | VideoRef:
     make = ImageRef if record["kind"] == "image" else VideoRef
     if "bytes" in record:
         return make(base64.b64decode(record["bytes"]), record["base_dir"])
@@ -232,8 +250,8 @@ class Entry:
         self.supervised = self._array("supervised.bin", np.uint8, self.num_tokens)
         self._id_offsets = self._array("ids.idx", np.int64, self.num_samples + 1)
         self._media_offsets = self._array("media.idx", np.int64, self.num_samples + 1)
-        self._id_blob = self._blob("ids.bin", int(self._id_offsets[-1]))
-        self._media_blob = self._blob("media.bin", int(self._media_offsets[-1]))
+        self._id_blob = self._array("ids.bin", np.uint8, int(self._id_offsets[-1]))
+        self._media_blob = self._array("media.bin", np.uint8, int(self._media_offsets[-1]))
 
     def __getstate__(self) -> dict:  # a DataLoader worker started by spawn maps the files again, it copies nothing
         return {"folder": self.folder}
@@ -248,25 +266,20 @@ class Entry:
             raise CacheError(f"the cached dataset {self.folder} is incomplete ({name}); delete the folder")
         return np.memmap(path, dtype=dtype, mode="r", shape=(length,)) if length else np.zeros(0, dtype)
 
-    def _blob(self, name: str, length: int) -> np.ndarray:
-        return self._array(name, np.uint8, length)
-
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def tokens_of(self, index: int) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of one sample."""
+    def sample(self, index: int) -> Sample:
+        """One sample as it was encoded, pictures and videos as references (no pixel values)."""
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         ids = np.asarray(self.tokens[start:end], dtype=np.int64)
         labels = np.where(self.supervised[start:end].astype(bool), ids, -100)
-        return ids.tolist(), labels.tolist()
+        sample = Sample(self._bytes(self._id_blob, self._id_offsets, index).decode(), ids.tolist(), labels.tolist())
+        return _with_media_record(sample, self._bytes(self._media_blob, self._media_offsets, index))
 
-    def id_of(self, index: int) -> str:
-        return bytes(self._id_blob[self._id_offsets[index] : self._id_offsets[index + 1]]).decode()
-
-    def media_of(self, index: int) -> dict | None:
-        start, end = self._media_offsets[index], self._media_offsets[index + 1]
-        return json.loads(bytes(self._media_blob[start:end])) if end > start else None
+    @staticmethod
+    def _bytes(blob: np.ndarray, offsets: np.ndarray, index: int) -> bytes:
+        return bytes(blob[offsets[index] : offsets[index + 1]])
 
 
 def find(root: Path | None, key: str) -> Entry | None:

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -68,19 +67,9 @@ class EncodedDataset(Dataset):
         """The sample as encoded (no pixel values: `features` computes them)."""
         if not 0 <= index < len(self):
             raise IndexError(index)
-        ids, labels = self.entry.tokens_of(index)
-        sample = Sample(self.entry.id_of(index), ids, labels)
-        record = self.entry.media_of(index)
-        if record is not None:
-            refs = [cache.ref_from_record(r) for r in record["images"] + record["videos"]]
-            sample.images, sample.videos = refs[: len(record["images"])], refs[len(record["images"]) :]
-            sample.origin, sample.truncated = tuple(record["origin"]), record["truncated"]
-            for key in ("image_grid_thw", "video_grid_thw"):
-                if key in record:
-                    sample.media[key] = torch.tensor(record[key])
-            if "second_per_grid_ts" in record:
-                sample.media["second_per_grid_ts"] = record["second_per_grid_ts"]
-            sample.mm_token_type_ids = self.encoder._token_types(ids)
+        sample = self.entry.sample(index)
+        if sample.images or sample.videos:
+            sample.mm_token_type_ids = self.encoder.token_types(sample.input_ids)
         return sample
 
     @property

@@ -195,7 +195,7 @@ class Encoder:
         start, end = self.family.vision_wrapper or ("", "")
         ids = self.tokenizer(start + media.image_texts[0] + end, add_special_tokens=False)["input_ids"]
         sample = Sample("placeholder-image", ids, [IGNORE_INDEX] * len(ids), media.first(1, 0))
-        sample.mm_token_type_ids = self._token_types(ids)
+        sample.mm_token_type_ids = self.token_types(ids)
         return sample
 
     def template_messages(self, conv: Conversation) -> list[dict]:
@@ -221,7 +221,7 @@ class Encoder:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         if media.features:
-            inputs["mm_token_type_ids"] = torch.tensor([self._token_types(ids)])
+            inputs["mm_token_type_ids"] = torch.tensor([self.token_types(ids)])
         return {**inputs, **media.features}
 
     # -- rendering --------------------------------------------------------------------------------
@@ -285,10 +285,11 @@ class Encoder:
         if len(sample.input_ids) > self.max_length:
             sample = self._truncate(conv, sample, tokens.cuts, media)
         if sample.num_images or sample.num_videos:
-            sample.mm_token_type_ids = self._token_types(sample.input_ids)
+            sample.mm_token_type_ids = self.token_types(sample.input_ids)
         return sample
 
-    def _token_types(self, ids: list[int]) -> list[int]:
+    def token_types(self, ids: list[int]) -> list[int]:
+        """mm_token_type_ids: 1 for an image token, 2 for a video token, 0 for the rest."""
         return [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in ids]
 
     def _expand_media(self, conv: Conversation, segments, image_texts: list[str], video_texts: list[str]) -> list[str]:
@@ -365,7 +366,7 @@ class Encoder:
 
     def _overlong_reason(self, sample: Sample) -> str:
         """The length, what the pictures and videos take of it, the limit and the two fixes."""
-        types = self._token_types(sample.input_ids)
+        types = self.token_types(sample.input_ids)
         image_tokens, video_tokens = types.count(1), types.count(2)
         parts = [f"{image_tokens} image tokens"] if image_tokens else []
         parts += [f"{video_tokens} video tokens"] if video_tokens else []
