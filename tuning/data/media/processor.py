@@ -80,8 +80,8 @@ class MediaProcessor:
 
     def seen_size(self, ref: ImageRef) -> tuple[int, int]:
         """(width, height) of a picture as the model sees it: loaded within the limits, resized by the processor."""
-        image = load_image(ref, self.image_folder, self.limits)
-        return self.resized_sizes(self._run([image], [], [image.size]))[0]
+        _, grid = self._by_size(load_image(ref, self.image_folder, self.limits))
+        return self.resized_sizes(Media({"image_grid_thw": grid}))[0]
 
     def process(self, conv: Conversation) -> Media:
         """Every picture and video loaded, checked and run through the processor, pixel values included."""
