@@ -801,41 +801,28 @@ def main(argv: list[str] | None = None) -> int:
         warm = [sys.executable, "-c", "import torch, transformers, peft, tuning.data.dataset"]
         if "failed" in run_child("warm-up", warm, work / "logs", timeout):  # the libraries in the page cache first
             return 1
-        for size in chat_sizes:
-            log(f"writing {size:,} chats")
-            data = write_chats(work / f"chats-{size}.jsonl", size, args.seed)
-            run_pair(
-                "chats", size, "prepare", lambda c, _o, d=data: prepare_command(d, text_model, c), work, timeout, runs
-            )
-            for n in ranks:
-                run_pair(
-                    "chats",
-                    size,
-                    f"train-{n}rank",
-                    lambda c, o, d=data, n=n: train_command(d, text_model, c, o, n, args.batch),
-                    work,
-                    timeout,
-                    runs,
-                )
         if picture_sizes:
-            folder = work / "pictures"
-            folder.mkdir(exist_ok=True)
-        for size in picture_sizes:
-            log(f"writing {size:,} pictures")
-            data = write_pictures(folder, size, args.seed)
-            run_pair(
-                "pictures", size, "prepare", lambda c, _o, d=data: prepare_command(d, vl_model, c), work, timeout, runs
-            )
-            for n in picture_ranks:
+            (work / "pictures").mkdir(exist_ok=True)
+        kinds = (
+            ("chats", chat_sizes, text_model, ranks, lambda n: write_chats(work / f"chats-{n}.jsonl", n, args.seed)),
+            (
+                "pictures",
+                picture_sizes,
+                vl_model,
+                picture_ranks,
+                lambda n: write_pictures(work / "pictures", n, args.seed),
+            ),
+        )
+        for kind, sizes, model, kind_ranks, write in kinds:
+            for size in sizes:
+                log(f"writing {size:,} {kind}")
+                data = write(size)
                 run_pair(
-                    "pictures",
-                    size,
-                    f"train-{n}rank",
-                    lambda c, o, d=data, n=n: train_command(d, vl_model, c, o, n, args.batch),
-                    work,
-                    timeout,
-                    runs,
+                    kind, size, "prepare", lambda c, _o, d=data, m=model: prepare_command(d, m, c), work, timeout, runs
                 )
+                for n in kind_ranks:
+                    command = lambda c, o, d=data, m=model, n=n: train_command(d, m, c, o, n, args.batch)  # noqa: E731
+                    run_pair(kind, size, f"train-{n}rank", command, work, timeout, runs)
 
         derived = derive(runs, chat_sizes, picture_sizes, ranks)
         goal_rows = goals(derived, chat_sizes)
