@@ -1,25 +1,11 @@
-"""Build tiny, random-weight Qwen-family models offline, with a real tokenizer and processor.
-
-    python -m tuning.tiny --kind vl --out models/tiny-qwen2.5-vl
-
-The folders load with the Auto classes exactly like a hub checkpoint, so every launcher, the demo
-and the tests run the real loading code without a download. Builds are deterministic: the same
-arguments give byte-identical weight files.
-"""
+"""Tiny Qwen-family builds: Qwen2, Qwen3, Qwen2-VL, Qwen2.5-VL and Qwen3-VL, with Qwen's special tokens, its
+ChatML template (Qwen3: its official template, with thinking and tools) and the real processors."""
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tuning.tiny.core import Parts, TinySpec, kind, padded_vocab, train_bpe
 
 # Qwen's own special tokens, in the order Qwen2/Qwen2.5-VL number them (after the BPE vocabulary).
 SPECIAL_TOKENS = (
@@ -63,59 +49,6 @@ CHAT_TEMPLATE = (
 # Qwen3 adds these as ordinary (not special) tokens: the template writes them, the model generates them.
 QWEN3_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 
-# Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
-PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-KINDS = {
-    "text": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen2-vl": "Qwen2VLForConditionalGeneration",
-    "qwen3-vl": "Qwen3VLForConditionalGeneration",
-}
-
-TEXT_KINDS = ("text", "qwen3")
-
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models"
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Everything a tiny build depends on; its hash names the build so a stale folder is rebuilt."""
-
-    kind: str = "vl"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    vision_hidden_size: int = 32
-    vision_depth: int = 2
-    bpe_vocab_size: int = 2048
-    # Larger than the usual 0.02: with so few, so narrow layers a 0.02 model keeps near-flat logits, its
-    # loss barely moves and it cannot learn a colour from a picture (measured: 37% vs 100%, chance 33%).
-    initializer_range: float = 0.2
-    seed: int = 0
-    # Embedding rows; None: the tokenizer's size rounded up to 64. A benchmark sets Qwen's real 151,936, where the
-    # logits are the memory (the rows past the tokenizer are never seen, as in the real checkpoints).
-    vocab_size: int | None = None
-    # Small images keep tests fast: at most 64 merged vision tokens per picture.
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 64 * 28 * 28
-
-    def fingerprint(self) -> str:
-        corpus = _corpus_text().encode()
-        fields = {k: v for k, v in asdict(self).items() if v is not None}  # an unset option keeps older builds current
-        blob = json.dumps(fields, sort_keys=True).encode() + corpus + chat_template(self.kind).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _corpus_text() -> str:
-    return resources.files("tuning").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
-
 
 def chat_template(kind: str) -> str:
     """Qwen2.5-VL's ChatML template, or for the Qwen3 kind the official Qwen3 template (thinking, tools), as
@@ -130,24 +63,7 @@ def build_tokenizer(spec: TinySpec):
     """Train a byte-level BPE on the shipped corpus and wrap it as Qwen2's tokenizer class."""
     from transformers import AddedToken, Qwen2Tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.bpe_vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_corpus_text().splitlines(), trainer=trainer)
-    trained = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    vocab = dict(trained["vocab"])
+    vocab, merges = train_bpe(spec)
     for token in SPECIAL_TOKENS:  # numbered here so the ids follow Qwen's order, not the wrapper's
         vocab[token] = len(vocab)
 
@@ -168,15 +84,9 @@ def build_tokenizer(spec: TinySpec):
     return tokenizer
 
 
-def _padded_vocab(tokenizer) -> int:
-    # Real Qwen checkpoints have more embedding rows than tokens (151936 vs 151665); keep that shape
-    # so code that confuses len(tokenizer) with vocab_size fails on the tiny model too.
-    return (len(tokenizer) + 63) // 64 * 64
-
-
 def _text_fields(spec: TinySpec, tokenizer) -> dict:
     return {
-        "vocab_size": spec.vocab_size or _padded_vocab(tokenizer),
+        "vocab_size": spec.vocab_size or padded_vocab(tokenizer),
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.num_layers,
@@ -265,7 +175,7 @@ def build_config(spec: TinySpec, tokenizer):
         return tf.Qwen3VLConfig(
             text_config=text3, vision_config=vision_config, tie_word_embeddings=True, **_vision_token_ids(tokenizer)
         )
-    raise ValueError(f"unknown kind {spec.kind!r}; choose one of {', '.join(KINDS)}")
+    raise ValueError(f"not a Qwen kind: {spec.kind!r}")
 
 
 def build_processor(spec: TinySpec, tokenizer):
@@ -283,82 +193,26 @@ def build_processor(spec: TinySpec, tokenizer):
     return processor_class(image_processor, tokenizer, video_processor, chat_template=CHAT_TEMPLATE)
 
 
-def build(spec: TinySpec, out: Path) -> Path:
-    """Build the model, tokenizer and (for vision-language kinds) processor into `out`."""
-    import transformers as tf
-
+def _make(spec: TinySpec) -> Parts:
     tokenizer = build_tokenizer(spec)
     config = build_config(spec, tokenizer)
-    torch.manual_seed(spec.seed)
-    model_class = getattr(tf, KINDS[spec.kind])
-    model = model_class(config).eval()
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    model.generation_config = tf.GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], do_sample=False)
-
-    # Write next to the target and rename, so an interrupted build never leaves a half folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    model.save_pretrained(staging)
-    if spec.kind in TEXT_KINDS:
-        tokenizer.save_pretrained(staging)
-    else:
-        build_processor(spec, tokenizer).save_pretrained(staging)
-    (staging / "tiny_spec.json").write_text(
-        json.dumps({**asdict(spec), "fingerprint": spec.fingerprint()}, indent=2) + "\n"
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    processor = None if spec.kind in TEXT_KINDS else build_processor(spec, tokenizer)
+    return Parts(config, tokenizer, processor, stop_tokens=("<|im_end|>", "<|endoftext|>"), pad_token="<|endoftext|>")
 
 
-def is_current(spec: TinySpec, folder: Path) -> bool:
-    stamp = folder / "tiny_spec.json"
-    if not (stamp.is_file() and (folder / "model.safetensors").is_file()):
-        return False
-    return json.loads(stamp.read_text()).get("fingerprint") == spec.fingerprint()
-
-
-def default_folder(kind: str) -> Path:
-    names = {
-        "text": "tiny-qwen2",
-        "qwen3": "tiny-qwen3",
-        "vl": "tiny-qwen2.5-vl",
-        "qwen2-vl": "tiny-qwen2-vl",
-        "qwen3-vl": "tiny-qwen3-vl",
-    }
-    return DEFAULT_ROOT / names[kind]
-
-
-def ensure_tiny(kind: str = "vl", out: Path | None = None, **sizes) -> Path:
-    """Return the folder of a tiny model, building it only when missing or stale."""
-    spec = TinySpec(kind=kind, **sizes)
-    folder = Path(out) if out else default_folder(kind)
-    if not is_current(spec, folder):
-        build(spec, folder)
-    return folder
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--kind", choices=sorted(KINDS), default="vl", help="text = Qwen2, qwen3 = Qwen3, vl = Qwen2.5-VL"
-    )
-    parser.add_argument("--out", type=Path, help="target folder (default: models/tiny-<family>)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if an identical build is there")
-    for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-        parser.add_argument(f"--{field}", type=int, default=getattr(TinySpec, field), help="(default %(default)s)")
-    parser.add_argument("--initializer_range", type=float, default=TinySpec.initializer_range)
-    args = parser.parse_args(argv)
-    sizes = {k: v for k, v in vars(args).items() if k not in ("kind", "out", "force")}
-    spec = TinySpec(kind=args.kind, **sizes)
-    folder = args.out or default_folder(args.kind)
-    if args.force or not is_current(spec, folder):
-        build(spec, folder)
-        print(f"built {KINDS[args.kind]} in {folder}")
-    else:
-        print(f"up to date: {folder}")
-
-
-if __name__ == "__main__":
-    main()
+TEXT_KINDS = ("text", "qwen3")
+for _name, _class, _folder, _summary in (
+    ("text", "Qwen2ForCausalLM", "tiny-qwen2", "Qwen2 / Qwen2.5 text"),
+    ("qwen3", "Qwen3ForCausalLM", "tiny-qwen3", "Qwen3 text, its official template (thinking, tools)"),
+    ("vl", "Qwen2_5_VLForConditionalGeneration", "tiny-qwen2.5-vl", "Qwen2.5-VL"),
+    ("qwen2-vl", "Qwen2VLForConditionalGeneration", "tiny-qwen2-vl", "Qwen2-VL"),
+    ("qwen3-vl", "Qwen3VLForConditionalGeneration", "tiny-qwen3-vl", "Qwen3-VL"),
+):
+    kind(
+        _name,
+        _class,
+        _folder,
+        template=chat_template(_name),
+        vision=_name not in TEXT_KINDS,
+        summary=_summary,
+    )(_make)

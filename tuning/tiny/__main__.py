@@ -1,0 +1,3 @@
+from tuning.tiny import main
+
+main()

@@ -1,0 +1,1 @@
+"""Tiny builds of vision-language families other than Qwen's, each with its family's processor and template."""
