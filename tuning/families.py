@@ -60,8 +60,16 @@ class Family:
     projectors: tuple[str, ...] = ()
     vision_language: bool = False
     # how the processor lays out a picture's features: "patch-grid" (flattened patches with a (t, h, w) grid per
-    # picture, tuning/data/media/processor.py); None: no picture layout is known, so pictures are refused
+    # picture, tuning/data/media/processor.py), "pictures" (whatever the processor returns per picture or tile,
+    # joined per batch by tuning/data/collate.py, placed by the model at its picture tokens); None: no picture
+    # layout is known, so pictures are refused
     media: str | None = None
+    # how --image_max_pixels and --image_min_pixels reach the processor (tuning/data/media/resolution.py):
+    # "pixel-budget" (its size holds pixel counts), "longest-edge" (its size holds the longest edge in pixels: the
+    # square root of the budget); None: the processor's own fixed size or tiles, left as they are
+    resolution: str | None = None
+    # what the toolkit lacks to train the family exactly: a non-empty reason refuses it before anything loads
+    unsupported: str = ""
     # positions of a packed row come from the model's own get_rope_index (RopeIndexPositions), else 1-D positions
     rope_index: bool = False
     grounding: GroundingStyle | None = None  # its own convention; None: a style whose tokens it has, else the tags
@@ -80,8 +88,17 @@ _QWEN_VL = {
     "vision_towers": ("visual",),
     "projectors": ("merger",),
     "media": "patch-grid",
+    "resolution": "pixel-budget",
     "rope_index": True,
     "vision_wrapper": ("<|vision_start|>", "<|vision_end|>"),
+}
+# A vision tower and a projector beside it, the projected features placed at the picture tokens of the text
+# (LLaVA's design, which most vision-language families share).
+_TOWER_AND_PROJECTOR = {
+    "vision_language": True,
+    "vision_towers": ("vision_tower",),
+    "projectors": ("multi_modal_projector",),
+    "media": "pictures",
 }
 
 FAMILIES = (
@@ -91,6 +108,38 @@ FAMILIES = (
     Family("Qwen2.5-VL", ("qwen2_5_vl",), grounding=QWEN2_5_VL_TOKENS, **_QWEN_VL),
     # its deepstack mergers feed picture features into early text layers: projectors too
     Family("Qwen3-VL", ("qwen3_vl",), **{**_QWEN_VL, "projectors": ("merger", "deepstack_merger_list")}),
+    Family("LLaVA-1.5", ("llava",), **_TOWER_AND_PROJECTOR),
+    # anyres: each picture becomes its tiles' patches (padded per batch, trimmed by image_sizes in the model)
+    Family("LLaVA-NeXT", ("llava_next",), **_TOWER_AND_PROJECTOR),
+    Family("LLaVA-OneVision", ("llava_onevision",), **_TOWER_AND_PROJECTOR),
+    Family("InternVL", ("internvl",), **_TOWER_AND_PROJECTOR),
+    Family("Mistral 3 (Pixtral tower)", ("mistral3",), **_TOWER_AND_PROJECTOR, resolution="longest-edge"),
+    Family(
+        "Gemma 3",
+        ("gemma3",),
+        **_TOWER_AND_PROJECTOR,
+        packs_exactly=False,
+        why_not_packed="the tokens of a picture attend to each other both ways (token_type_ids), which the "
+        "per-sample causal attention of a packed row does not do",
+    ),
+    Family(
+        "Idefics3 / SmolVLM",
+        ("idefics3", "smolvlm"),
+        vision_language=True,
+        vision_towers=("vision_model",),
+        projectors=("connector",),
+        media="pictures",
+        resolution="longest-edge",
+    ),
+    Family(
+        "Llama 3.2 Vision (Mllama)",
+        ("mllama",),
+        vision_language=True,
+        vision_towers=("vision_model",),
+        projectors=("multi_modal_projector",),
+        unsupported="its pictures enter the text through cross-attention layers, with a cross-attention mask per "
+        "text token and picture tile that the toolkit does not build yet (only placeholder-token families are served)",
+    ),
 )
 
 # Layer kinds whose state or window stays within a sample of a packed row; any other kind (linear attention, Mamba)
@@ -131,8 +180,13 @@ def _generic(config) -> Family:
 def require_support(family: Family) -> Family:
     """The family, if the toolkit can train it: a vision-language model whose family has no record is refused,
     with what is missing."""
+    if family.unsupported:
+        raise UnsupportedFamily(
+            f"{family.name} cannot be trained by this toolkit yet: {family.unsupported}. Supported vision-language "
+            f"families: {', '.join(f.name for f in FAMILIES if f.media and not f.unsupported)}"
+        )
     if family.vision_language and family.media is None:
-        known = ", ".join(f.name for f in FAMILIES if f.media)
+        known = ", ".join(f.name for f in FAMILIES if f.media and not f.unsupported)
         raise UnsupportedFamily(
             f"{family.name} is a vision-language model of a family this toolkit has no record for: it does not know "
             "how that family's processor lays out pictures, where its vision tower and projector are, or how its "

@@ -356,13 +356,23 @@ def build_trainer(
 
 
 def collator_for(model, encoder: Encoder, packing: bool, world_size: int):
+    token_types = encoder.media.token_types_input
     if not packing:
-        return PaddingCollator(pad_token_id=encoder.tokenizer.pad_token_id)
+        return PaddingCollator(pad_token_id=pad_id(encoder.tokenizer), token_types=token_types)
     placeholder = None
     if world_size > 1 and encoder.image_processor is not None:
         # ranks must reduce the same parameters: a rank whose batch has no picture would leave the projector out
         placeholder = sample_to_features(encoder.placeholder_image_sample())
-    return FlatteningCollator(positions=packed_positions(model), placeholder=placeholder)
+    return FlatteningCollator(positions=packed_positions(model), placeholder=placeholder, token_types=token_types)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills a padded batch: the pad token, else eos (Llama 3 and Mistral ship no pad token; padding is
+    masked out of the attention and the loss, so which id fills it changes nothing)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
 
 
 def standard_callbacks(training_args, resume: str | None, encoder: Encoder) -> list:

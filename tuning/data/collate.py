@@ -9,22 +9,46 @@ import torch
 
 from tuning.data.encode import IGNORE_INDEX
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+# what a sample's features hold besides its pictures' and videos' (which are whatever the processor returns)
+TEXT_KEYS = ("input_ids", "labels", "mm_token_type_ids", "second_per_grid_ts")
+TOKEN_TYPES = "mm_token_type_ids"
 
 
 def _stack_media(features: list[dict], batch: dict) -> None:
-    """Pictures and videos of the batch, in sample order (the model matches them to their tokens in order)."""
-    for key in MEDIA_KEYS:
-        found = [f[key] for f in features if f.get(key) is not None]
-        if found:
-            batch[key] = torch.cat(found)
+    """Pictures and videos of the batch, in sample order (the model matches them to their tokens in order):
+    each feature of the processor joined along its first dimension (pictures, tiles, patches or, for a
+    processor that returns one row per sample, samples), padded at the end of every other dimension where the
+    samples differ (a processor pads its own batch the same way: Pixtral's sizes, LLaVA-OneVision's patches,
+    Idefics3's pictures per sample, which the model then drops as empty)."""
+    keys = dict.fromkeys(k for f in features for k, v in f.items() if k not in TEXT_KEYS and v is not None)
+    for key in keys:
+        found = [torch.as_tensor(f[key]) for f in features if f.get(key) is not None]
+        batch[key] = _joined(found)
     times = [t for f in features for t in f.get("second_per_grid_ts") or []]
     if times:
         batch["second_per_grid_ts"] = torch.tensor(times)
 
 
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len({t.shape[1:] for t in tensors}) == 1:
+        return torch.cat(tensors)
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pads = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
+        padded.append(torch.nn.functional.pad(t, pads))
+    return torch.cat(padded)
+
+
 def _has_media(feature: dict) -> bool:
-    return feature.get("pixel_values") is not None or feature.get("pixel_values_videos") is not None
+    return any(k not in TEXT_KEYS and v is not None for k, v in feature.items())
+
+
+def _token_types(batch: dict, name: str | None) -> None:
+    """The picture-token types under the name the model takes them by, or none where it takes none."""
+    types = batch.pop(TOKEN_TYPES, None)
+    if name is not None and types is not None:
+        batch[name] = types
 
 
 @dataclass
@@ -33,6 +57,7 @@ class PaddingCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    token_types: str | None = TOKEN_TYPES  # the model input that marks picture tokens (MediaProcessor)
 
     def __call__(self, features: list[dict]) -> dict:
         longest = max(len(f["input_ids"]) for f in features)
@@ -50,8 +75,9 @@ class PaddingCollator:
                 [[1] * len(f["input_ids"]) + [0] * (longest - len(f["input_ids"])) for f in features]
             ),
         }
-        if any(f.get("mm_token_type_ids") is not None for f in features):
-            batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
+        if any(f.get(TOKEN_TYPES) is not None for f in features):
+            batch[TOKEN_TYPES] = pad(TOKEN_TYPES, 0)
+        _token_types(batch, self.token_types)
         _stack_media(features, batch)
         return batch
 
@@ -64,12 +90,13 @@ class FlatteningCollator:
     GPU, sdpa/eager on CPU with use_cache=False). The first label of every sample is -100: it would
     otherwise be predicted from the previous sample's last token. `positions` is the model family's own position
     function for packed rows (tuning.families.packed_positions: Qwen-VL's 3-D rope positions), or None for 1-D
-    positions restarting at every sample.
+    positions restarting at every sample (the pictures' features then go in by their tokens alone).
     """
 
     positions: Callable[[list[dict]], torch.Tensor] | None = None
     # one blank picture and no labels, added to picture-less batches (Encoder.placeholder_image_sample)
     placeholder: dict | None = None
+    token_types: str | None = TOKEN_TYPES
 
     def __call__(self, features: list[dict]) -> dict:
         if self.placeholder is not None and not any(_has_media(f) for f in features):
@@ -80,14 +107,11 @@ class FlatteningCollator:
             labels += [IGNORE_INDEX, *f["labels"][1:]]
             positions += range(len(f["input_ids"]))
         batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
-        if self.positions is None:
-            if any(_has_media(f) for f in features):
-                raise ValueError("pictures and videos need the model family's positions to be flattened: pass them")
-            batch["position_ids"] = torch.tensor([positions])
-            return batch
-        batch["position_ids"] = self.positions(features)
-        batch["mm_token_type_ids"] = torch.tensor([[t for f in features for t in self._token_types(f)]])
-        _stack_media(features, batch)
+        batch["position_ids"] = torch.tensor([positions]) if self.positions is None else self.positions(features)
+        if self.positions is not None or any(_has_media(f) for f in features):
+            batch[TOKEN_TYPES] = torch.tensor([[t for f in features for t in self._token_types(f)]])
+            _token_types(batch, self.token_types)
+            _stack_media(features, batch)
         return batch
 
     @staticmethod

@@ -51,12 +51,12 @@ class Sample:
 
     @property
     def num_images(self) -> int:
-        return 0 if self.image_grid_thw is None else len(self.image_grid_thw)
+        return len(self.image_grid_thw) if self.image_grid_thw is not None else len(self.images)
 
     @property
     def num_videos(self) -> int:
         grid = self.media.get("video_grid_thw")
-        return 0 if grid is None else len(grid)
+        return len(grid) if grid is not None else len(self.videos)
 
     @property
     def num_supervised(self) -> int:
@@ -181,11 +181,12 @@ class Encoder:
         """The sample's media features with pixel values, computed now from its pictures and videos."""
         if not (sample.images or sample.videos):
             return dict(sample.media)
+        tokens = sum(1 for t in self.token_types(sample.input_ids) if t)
         try:
-            computed = self.media.pixels(sample.images, sample.videos, sample.media)
+            computed = self.media.pixels(sample.images, sample.videos, sample.media, tokens)
         except (ImageLoadError, ValueError, RuntimeError) as e:
             raise DataError(*sample.origin, str(e)) from None
-        return {**sample.media, **{k: v for k, v in computed.items() if k.startswith("pixel_values")}}
+        return {**computed, **sample.media}  # as encoded where both hold a key (the grids are checked equal)
 
     def placeholder_image_sample(self) -> Sample:
         """One blank picture and nothing to learn (all labels -100): added to a picture-less packed batch so
@@ -220,8 +221,8 @@ class Encoder:
         [text] = self._expand_media(conv, [Segment(text, False, 0)], media.image_texts, media.video_texts)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        if media.features:
-            inputs["mm_token_type_ids"] = torch.tensor([self.token_types(ids)])
+        if media.features and self.media.token_types_input:
+            inputs[self.media.token_types_input] = torch.tensor([self.token_types(ids)])
         return {**inputs, **media.features}
 
     # -- rendering --------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ class Encoder:
                 except grounding.GroundingError as e:
                     raise conv.error(str(e), "fix the <ref>/<box> tags", i, "content") from None
                 parts.append({"type": "text", "text": text})
-            messages.append(_template_message(message, parts))
+            messages.append(_template_message(message, parts, as_parts=self.processor is not None))
         return messages
 
     def _box_text(self, box: BoxRef, original: list, resized: list) -> str:
@@ -290,7 +291,7 @@ class Encoder:
 
     def token_types(self, ids: list[int]) -> list[int]:
         """mm_token_type_ids: 1 for an image token, 2 for a video token, 0 for the rest."""
-        return [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in ids]
+        return self.media.token_types(ids)
 
     def _expand_media(self, conv: Conversation, segments, image_texts: list[str], video_texts: list[str]) -> list[str]:
         """Each picture or video placeholder of the template becomes what the processor says it is."""
@@ -434,11 +435,12 @@ def _turn_ends(segments) -> list[int]:
     return ends
 
 
-def _template_message(message, parts: list[dict]) -> dict:
+def _template_message(message, parts: list[dict], as_parts: bool = False) -> dict:
     """One message as a chat template takes it: a string where there is no picture (text-only templates such
-    as Qwen3's read only strings), parts where there is, and the tool and reasoning fields it carries."""
+    as Qwen3's read only strings), parts where there is or `as_parts` (a vision-language model's template: some,
+    as LLaVA's, read only parts), and the tool and reasoning fields it carries."""
     has_media = any(p["type"] != "text" for p in parts)
-    content = parts if has_media else "".join(p["text"] for p in parts)
+    content = parts if has_media or as_parts else "".join(p["text"] for p in parts)
     out: dict = {"role": message.role, "content": content}
     if message.tool_calls:
         out["tool_calls"] = message.tool_calls

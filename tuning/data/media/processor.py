@@ -39,20 +39,26 @@ class Media:
 
     def first(self, images: int, videos: int) -> dict:
         """The features of the first `images` pictures and `videos` videos (a sample holding a prefix of them);
-        pixel values only where they were computed (MediaProcessor.plan computes none)."""
+        pixel values only where they were computed (MediaProcessor.plan computes none). A family whose features
+        have no grid (one row or tile block per picture, laid out by its processor) keeps none per sample: they
+        are all computed per batch."""
         out = {}
-        if images:
+        if images and self.image_grid is not None:
             grid = self.image_grid[:images]
             if "pixel_values" in self.features:
                 out["pixel_values"] = self.features["pixel_values"][: int(grid.prod(dim=1).sum())]
             out["image_grid_thw"] = grid
-        if videos:
+        if videos and self.video_grid is not None:
             grid = self.video_grid[:videos]
             if "pixel_values_videos" in self.features:
                 out["pixel_values_videos"] = self.features["pixel_values_videos"][: int(grid.prod(dim=1).sum())]
             out["video_grid_thw"] = grid
             if "second_per_grid_ts" in self.features:
                 out["second_per_grid_ts"] = [float(t) for t in self.features["second_per_grid_ts"][:videos]]
+        if self.image_grid is None and self.video_grid is None and self.features:
+            if (images, videos) != (len(self.image_texts), len(self.video_texts)):
+                raise ValueError("the features of a family without grids cannot be split by picture")
+            out = dict(self.features)
         return out
 
 
@@ -66,10 +72,32 @@ class MediaProcessor:
         self.image_token = getattr(processor, "image_token", None)
         self.video_token = getattr(processor, "video_token", None)
         self.image_folder, self.limits, self.max_images = image_folder, limits, max_images
-        self._sized: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}  # picture size -> (text, grid row)
+        self._sized: dict[tuple, tuple[str, torch.Tensor | None]] = {}  # (size, several?) -> (text, grid row)
         tokens = [t for t in (self.image_token, self.video_token) if t]
         # what the chat template writes for each picture and video (None for a text-only model)
         self.placeholder_pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        # the tokens a picture or video becomes (Gemma 3 writes <start_of_image> and feeds <image_soft_token>s)
+        self.token_ids = {
+            kind: {i for i in getattr(processor, f"{name}_token_ids", None) or [] if i is not None}
+            for kind, name in ((1, "image"), (2, "video"))
+        }
+        self.token_texts = (
+            [processor.tokenizer.convert_ids_to_tokens(i) for ids in self.token_ids.values() for i in ids]
+            if processor is not None
+            else []
+        )
+        names = getattr(processor, "model_input_names", None) or []
+        # the model input that marks picture tokens, where the model takes one
+        self.token_types_input = next((n for n in ("mm_token_type_ids", "token_type_ids") if n in names), None)
+
+    def token_types(self, ids: list[int]) -> list[int]:
+        """1 for a picture's token, 2 for a video's, 0 for the rest (the processor's own mm_token_type_ids)."""
+        images, videos = self.token_ids[1], self.token_ids[2]
+        return [1 if t in images else 2 if t in videos else 0 for t in ids]
+
+    def media_tokens(self, texts: list[str]) -> int:
+        """How many picture and video tokens the placeholder texts hold."""
+        return sum(text.count(token) for text in texts for token in self.token_texts)
 
     def resized_sizes(self, media: Media) -> list[tuple[int, int]]:
         """(width, height) of each picture as the model sees it, after the processor's resize."""
@@ -94,11 +122,18 @@ class MediaProcessor:
         per batch, from `Media.images` and `Media.videos`."""
         return self._process(conv, pixels=False)
 
-    def pixels(self, images: list[ImageRef], videos: list[VideoRef], grids: dict) -> dict:
+    def pixels(self, images: list[ImageRef], videos: list[VideoRef], grids: dict, tokens: int) -> dict:
         """The pixel features of a sample's pictures and videos, computed now, by the same loaders, limits and
-        processor as at encoding; `grids` (image_grid_thw, video_grid_thw as encoded) must come out the same."""
+        processor as at encoding; `grids` (image_grid_thw, video_grid_thw as encoded) must come out the same, and
+        the pictures must become the `tokens` picture and video tokens the sample holds."""
         loaded = [load_image(ref, self.image_folder, self.limits) for ref in images]
         media = self._run(loaded, [self.load_video(ref) for ref in videos], [image.size for image in loaded])
+        if (now := self.media_tokens(media.image_texts + media.video_texts)) != tokens:
+            names = ", ".join(_name(ref) for ref in [*images, *videos])
+            raise ImageLoadError(
+                f"a picture or video of {names} changed size since the data was encoded (it becomes {now} tokens, "
+                f"{tokens} when encoded); restore the file, or encode again (change or clear --dataset_cache_dir)"
+            )
         for key in ("image_grid_thw", "video_grid_thw"):
             if key in grids and not torch.equal(media.features[key], torch.as_tensor(grids[key])):
                 names = ", ".join(_name(ref) for ref in [*images, *videos])
@@ -145,19 +180,22 @@ class MediaProcessor:
 
     def _planned(self, images: list, videos: list, sizes: list) -> Media:
         """Media without pixel values: pictures through the per-size memo, videos processed and let go."""
-        per_image = [self._by_size(image) for image in images]
+        per_image = [self._by_size(image, len(images)) for image in images]
         media = self._run([], videos, []) if videos else Media()
-        features = {k: v for k, v in media.features.items() if k != "pixel_values_videos"}
-        if per_image:
+        features = {k: v for k, v in media.features.items() if k == "video_grid_thw" or k == "second_per_grid_ts"}
+        if per_image and per_image[0][1] is not None:
             features["image_grid_thw"] = torch.cat([grid for _, grid in per_image])
         return Media(features, [text for text, _ in per_image], media.video_texts, sizes)
 
-    def _by_size(self, image) -> tuple[str, torch.Tensor]:
-        """(the placeholder's text, the grid row) of one picture, computed once per size."""
-        if image.size not in self._sized:
-            run = self._run([image], [], [image.size])
-            self._sized[image.size] = (run.image_texts[0], run.image_grid)
-        return self._sized[image.size]
+    def _by_size(self, image, pictures: int = 1) -> tuple[str, torch.Tensor | None]:
+        """(the placeholder's text, the grid row or None) of one picture, computed once per size and per count of
+        pictures in its sample (LLaVA-OneVision tiles a picture alone, and not one among several)."""
+        key = (image.size, pictures > 1)
+        if key not in self._sized:
+            copies = min(pictures, 2)
+            run = self._run([image] * copies, [], [image.size] * copies)
+            self._sized[key] = (run.image_texts[0], None if run.image_grid is None else run.image_grid[:1])
+        return self._sized[key]
 
     def _need(self, conv: Conversation, sub_processor, what: str, index: int) -> None:
         if sub_processor is None:
@@ -185,13 +223,13 @@ class MediaProcessor:
             }
         out = self.processor(
             text=[text],
-            images=images or None,
+            images=[images] if images else None,  # nested: the pictures of one sample
             return_text_replacement_offsets=True,
             return_tensors="pt",
             **kwargs,
         )
         replacements = out.pop("text_replacement_offsets")[0]
-        features = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        features = {k: v for k, v in out.items() if k not in _TEXT_OUTPUTS}
         return Media(
             features=features,
             image_texts=[r["replacement"] for r in replacements if r["type"] == "image"],
@@ -203,8 +241,13 @@ class MediaProcessor:
         """One grey picture of the smallest size the processor keeps (the placeholder of picture-less batches)."""
         from PIL import Image
 
-        side = self.image_processor.patch_size * self.image_processor.merge_size
+        patch, merge = getattr(self.image_processor, "patch_size", None), getattr(self.image_processor, "merge_size", 1)
+        side = patch * merge if isinstance(patch, int) and isinstance(merge, int) else 32
         return self._run([Image.new("RGB", (side, side), (128, 128, 128))], [], [(side, side)])
+
+
+# what the processor returns for the placeholder text it was given, not for the sample
+_TEXT_OUTPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def _name(ref: ImageRef | VideoRef) -> str:

@@ -9,6 +9,7 @@ default too), makes it about 700.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,14 +60,22 @@ def pixels(value: str | int | None) -> int | None:
     return total
 
 
-def configure(processor, options: MediaOptions) -> None:
-    """Put the options on the processor's image and video processors (their saved configs carry them)."""
+PIXEL_BUDGET, LONGEST_EDGE = "pixel-budget", "longest-edge"  # what a family's processor size holds
+
+
+def configure(processor, options: MediaOptions, resolution: str | None = PIXEL_BUDGET) -> None:
+    """Put the options on the processor's image and video processors (their saved configs carry them), in the
+    terms of the family's processor (`resolution`, tuning.families): pixel counts, the longest edge, or none (a
+    fixed size or tiles of its own: the processor's settings stay as they are)."""
     image = getattr(processor, "image_processor", None)
-    if image is not None:
+    if image is not None and resolution == PIXEL_BUDGET:
         _set_size(image, options.image_max_pixels, options.image_min_pixels, cap_at_model=True)
+    elif image is not None and resolution == LONGEST_EDGE and options.image_max_pixels:
+        _set_longest_edge(image, options.image_max_pixels)
     video = getattr(processor, "video_processor", None)
     if video is not None:
-        _set_size(video, options.video_max_pixels, options.video_min_pixels, cap_at_model=False)
+        if resolution == PIXEL_BUDGET:
+            _set_size(video, options.video_max_pixels, options.video_min_pixels, cap_at_model=False)
         video.fps = options.video_fps
         video.max_frames = options.video_maxlen
         video.min_frames = min(getattr(video, "min_frames", 1) or 1, options.video_maxlen)
@@ -84,6 +93,15 @@ def _set_size(sub_processor, max_pixels: int | None, min_pixels: int | None, cap
     elif model_min is not None and size.get("longest_edge") is not None:
         size["shortest_edge"] = min(model_min, size["longest_edge"])
     sub_processor.size = {k: v for k, v in size.items() if k in ("shortest_edge", "longest_edge") and v is not None}
+
+
+def _set_longest_edge(image_processor, max_pixels: int) -> None:
+    """A budget of pixels as the longest edge of a square of that many pixels, never above the model's own."""
+    size = dict(image_processor.size or {})
+    edge = math.isqrt(max_pixels)
+    if size.get("longest_edge"):
+        size["longest_edge"] = min(edge, size["longest_edge"])
+        image_processor.size = size
 
 
 def tokens_per_picture(processor, width: int, height: int) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from tuning.data.conversation import ImageRef, Message, Part, VideoRef
 from tuning.data.readers.common import MEDIA_KEYS, METADATA_KEYS, TOOL_CALL_ROLES, TRAIN_FLAGS, Reading, role_of
 from tuning.data.readers.common import trained_flag as read_trained_flag
-from tuning.data.readers.media import place_inline_media, split_image_tags
+from tuning.data.readers.media import PLACEHOLDERS, place_inline_media, split_image_tags
 from tuning.data.readers.tools import parse_tool_calls, parse_tools
 
 SHAREGPT_TURN_KEYS = {"from", "value", *TRAIN_FLAGS}
@@ -136,9 +136,14 @@ def _content_part(reading: Reading, part, index: int) -> list[Part]:
         source = source.get("url") if isinstance(source, dict) else source
         if isinstance(source, str) and source:
             return [ImageRef(source, reading.base_dir)]
+        if kind == "image" and set(part) == {"type"}:
+            # Hugging Face's VLM datasets (and TRL's): the picture is the next of the record's `images`, in order
+            return [PLACEHOLDERS["image"]]
     if kind in ("video", "video_url"):
         source = part.get("video") or part.get("url") or part.get("path") or part.get("video_url")
         source = source.get("url") if isinstance(source, dict) else source
+        if kind == "video" and set(part) == {"type"}:
+            return [PLACEHOLDERS["video"]]
         if isinstance(source, str) and source:
             return [VideoRef(source, reading.base_dir)]
         if isinstance(source, list) and source and all(isinstance(s, str) for s in source):
