@@ -22,6 +22,15 @@ TEMPLATES = REPO / "tests" / "fixtures" / "templates"
 
 MISTRAL_TOKENS = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
                   "[/TOOL_RESULTS]"]  # fmt: skip
+COMMAND_R_TOKENS = ["<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+                    "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>",
+                    "<|START_THINKING|>", "<|END_THINKING|>", "<|START_ACTION|>", "<|END_ACTION|>",
+                    "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>"]  # fmt: skip
+# GLM's role tokens, and its reasoning and tool-call tags as special tokens too (the harder case for finding where a
+# turn ends; tests/test_templates_families.py checks the same targets with the tags as ordinary tokens)
+GLM_ROLES = ["[gMASK]", "<sop>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+GLM_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+            "</arg_value>"]  # fmt: skip
 
 # template -> (tokenizer family, special tokens to add, bos, eos)
 SPECIALS = {
@@ -69,7 +78,17 @@ SPECIALS = {
         "<s>",
         "</s>",
     ),
+    # its named templates, as the tokenizer carries them: "tool_use" when tools are given, else "default"
+    "command-r7b": ("bpe", COMMAND_R_TOKENS, "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"),
+    "command-r7b-tool_use": ("bpe", COMMAND_R_TOKENS, "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"),
+    "nemotron-nano-v2": ("bpe", ["<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>"], "<s>", "<SPECIAL_12>"),
+    "glm-4.5": ("bpe", [*GLM_ROLES, *GLM_TAGS], None, "<|endoftext|>"),
+    "glm-4.7": ("bpe", [*GLM_ROLES, *GLM_TAGS], None, "<|endoftext|>"),
 }
+
+# template -> the tokens generation stops at, beyond the tokenizer's end-of-sequence token (the model's own
+# generation config: GLM stops at the next message's role token, as it writes no end-of-turn token)
+STOPS = {"glm-4.5": ("<|user|>", "<|observation|>"), "glm-4.7": ("<|user|>", "<|observation|>")}
 
 TOOLS = [
     {
@@ -148,6 +167,11 @@ REFUSED = {
     ("deepseek-r1-distill", "system"): "which the answer must continue",
     ("deepseek-r1-distill", "reasoning_content"): "which the answer must continue",
     ("deepseek-r1-distill", "tools"): "does not render the sample's tools",
+    ("command-r7b", "reasoning_content"): "does not render the assistant's reasoning_content",
+    ("command-r7b-tool_use", "reasoning_content"): "does not render the assistant's reasoning_content",
+    ("nemotron-nano-v2", "reasoning_content"): "does not render the assistant's reasoning_content",
+    # its prompt opens "<think>\n"; it writes a final turn of tool calls alone without it
+    ("nemotron-nano-v2", "tools"): "which the answer must continue",
 }
 
 
@@ -184,10 +208,14 @@ def tokenizer_for(base_tokenizers, name: str):
     family, specials, bos, eos = SPECIALS[name]
     tokenizer = copy.deepcopy(base_tokenizers[family])
     tokenizer.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
-    if bos:
-        tokenizer.add_special_tokens({"bos_token": bos, "eos_token": eos})
+    if bos or eos:
+        tokenizer.add_special_tokens({key: v for key, v in (("bos_token", bos), ("eos_token", eos)) if v})
     if name == "qwen3":
         return tokenizer  # the tiny Qwen3's own template
+    if name == "command-r7b":
+        tokenizer.chat_template = {n: (TEMPLATES / f"{name}-{n}.jinja").read_text(encoding="utf-8")
+                                   for n in ("default", "tool_use")}  # fmt: skip
+        return tokenizer
     tokenizer.chat_template = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
     return tokenizer
 
@@ -235,7 +263,8 @@ def test_every_turn_is_trained_exactly_as_its_inference_prompt(base_tokenizers, 
             covered.add((found, end))
             end += 1
         target = tokenizer.decode(sample.input_ids[len(prompt) : end])
-        assert target.endswith((tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<end_of_turn>")), target
+        stops = (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<end_of_turn>", *STOPS.get(template, ()))
+        assert target.endswith(stops), target
         visible = (message.text.split("</think>")[-1]).strip()
         assert "".join(visible.split()) in "".join(target.split()), (visible, target)
         for call in message.tool_calls or []:

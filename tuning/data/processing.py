@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tuning.data.media.resolution import MediaOptions, configure
-from tuning.data.template import ChatTemplate, TemplateError
+from tuning.data.template import ChatTemplate, TemplateError, record_template_file
 from tuning.families import AUTO, Family, GroundingStyle, family_of, grounding_style, is_vision_language
 
 
@@ -81,10 +81,11 @@ def prepare_processing(
     if chat_template:
         template = Path(chat_template).read_text(encoding="utf-8")
         tokenizer.chat_template = template
+        record_template_file(tokenizer, chat_template)  # messages name the file, not the model
         if processor is not None:
             processor.chat_template = template
     if processor is not None and media is not None:
-        configure(processor, media)
+        configure(processor, media, family.resolution)
     style = grounding_style(family, tokenizer.get_vocab(), grounding_format)
     added = []
     if style.added and uses_grounding:
