@@ -94,6 +94,13 @@ class TrainingArguments(transformers.TrainingArguments):
             "choices": list(LOSS_IMPLEMENTATIONS),
         },
     )
+    moe_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Mixture-of-experts models: the weight of the router's load-balancing loss, which trains with the "
+            "model's loss (either --loss_impl). Default: the model config's router_aux_loss_coef; 0 turns it off."
+        },
+    )
     tiled_mlp: bool | None = field(
         default=None,
         metadata={

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from tuning.checkpoints import checkpoints_newest_first
 from tuning.data.encode import IGNORE_INDEX
-from tuning.loss import output_head, supervised_loss
+from tuning.loss import LogitTransformMismatch, set_router_loss_weight, supervised_loss, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -65,27 +65,60 @@ class NonFiniteGradients(TrainerCallback):
 
 class ChunkedLoss:
     """Training batches: the loss from the hidden states at the supervised positions (tuning.loss), never the full
-    logits. The stock path for `loss_impl="plain"`, evaluation, and heads that are not plain linear layers."""
+    logits, equal to the model's own loss: its logit transform (a soft cap, a scale) applied in the chunks, an MoE
+    router's load-balancing term added as its forward adds it. The stock path for `loss_impl="plain"`, evaluation,
+    and models whose own loss the chunks cannot reproduce (said once in the log).
+
+    An MoE model trains its router's load-balancing loss on both paths, at the weight `--moe_aux_loss_coef`
+    (default: its config's), which its config then keeps."""
 
     def __init__(self, *args, loss_impl: str = "chunked", **kwargs):
         self.loss_impl = loss_impl
         super().__init__(*args, **kwargs)
+        self.stock_loss_reason: str | None = None
+        weight = getattr(self.args, "moe_aux_loss_coef", None)
+        self.router_loss_weight = set_router_loss_weight(self.model, weight) if self.model is not None else None
+        if self.router_loss_weight is not None:
+            logger.info("the MoE router's load-balancing loss trains at weight %g", self.router_loss_weight)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.loss_impl != "chunked" or not model.training or "labels" not in inputs or output_head(model) is None:
+        if model.training and self.router_loss_weight is not None:
+            # asked for by each training forward, not in the config: generate() fails with router logits on
+            inputs = {**inputs, "output_router_logits": True}
+        if self.loss_impl != "chunked" or not model.training or "labels" not in inputs or self._stock_reason(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        with supervised_loss(model, labels) as keep:
-            outputs = model(**inputs, logits_to_keep=keep)
+        try:
+            with supervised_loss(model, labels) as keep:
+                outputs = model(**inputs, logits_to_keep=keep)
+        except LogitTransformMismatch as e:  # found at the first step: this batch and every later one go stock
+            self._use_stock_loss(str(e))
+            return super().compute_loss(model, {**inputs, "labels": labels}, return_outputs, num_items_in_batch)
         loss_sum = outputs.logits.reshape(())  # the head returned the summed loss (tuning.loss)
         if num_items_in_batch is not None:  # normalised over the supervised tokens of the whole accumulated step
             loss = loss_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes  # the gradients are averaged over the ranks
         else:
             loss = loss_sum / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        if self.router_loss_weight is not None and outputs.get("aux_loss") is not None:
+            loss = loss + self.router_loss_weight * outputs.aux_loss.to(loss.device)  # as the model's forward adds it
+        scaled = self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+        if scaled and num_items_in_batch is not None:  # as the stock compute_loss scales the model's own loss
+            ranks = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (ranks if self.args.n_gpu <= 1 else self.args.n_gpu)  # the ranks' gradients are averaged
         return (loss, outputs) if return_outputs else loss
+
+    def _stock_reason(self, model) -> str | None:
+        if self.stock_loss_reason is None:
+            if self.label_smoother is not None or self.compute_loss_func is not None:
+                self._use_stock_loss("label smoothing or a compute_loss_func replaces the model's own loss")
+            elif (why := unsupported_reason(model)) is not None:
+                self._use_stock_loss(why)
+        return self.stock_loss_reason
+
+    def _use_stock_loss(self, why: str) -> None:
+        self.stock_loss_reason = why
+        logger.warning("the stock loss over the full logits trains this model, not the chunked loss: %s", why)
 
 
 class TokenBudgetBatches:
