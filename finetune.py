@@ -133,8 +133,17 @@ class LoraArguments:
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Linear layer names to adapt (e.g. q_proj v_proj). Default: every linear layer of "
-            "the language model."
+            "help": "What LoRA adapts, by the last part of the name: linear layers (q_proj v_proj), fused MoE "
+            "expert parameters (gate_up_proj down_proj, or experts for all), routers (gate / router, never by "
+            "default). Default (or all-linear, which may be combined with router names): every linear layer and "
+            "expert parameter of the language model."
+        },
+    )
+    lora_expert_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA rank of each MoE expert (default: --lora_r). Every expert gets its own pair, so E experts "
+            "train E times the LoRA of one dense MLP: Qwen3-30B-A3B at r 64 trains 2.5 B parameters in its experts."
         },
     )
     lora_weight_path: str | None = field(default=None, metadata={"help": "Start from this existing adapter."})
@@ -172,6 +181,8 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
         problems.append("--on_nonfinite skip does not work with --deepspeed (its gradients live in the engine)")
     if lora_args.lora_r <= 0:
         problems.append(f"--lora_r must be positive, got {lora_args.lora_r}")
+    if lora_args.lora_expert_r is not None and lora_args.lora_expert_r <= 0:
+        problems.append(f"--lora_expert_r must be positive, got {lora_args.lora_expert_r}")
     if training_args.use_liger_kernel and not torch.cuda.is_available():
         problems.append("--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
     if training_args.mlp_tile_tokens is not None and training_args.mlp_tile_tokens <= 0:

@@ -319,6 +319,7 @@ def lora_options(args: RunArguments) -> LoraOptions:
     lora = args.lora
     return LoraOptions(
         r=lora.lora_r,
+        expert_r=lora.lora_expert_r,
         alpha=lora.lora_alpha,
         dropout=lora.lora_dropout,
         bias=lora.lora_bias,
