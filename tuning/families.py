@@ -108,6 +108,8 @@ FAMILIES = (
     Family("Qwen2.5-VL", ("qwen2_5_vl",), grounding=QWEN2_5_VL_TOKENS, **_QWEN_VL),
     # its deepstack mergers feed picture features into early text layers: projectors too
     Family("Qwen3-VL", ("qwen3_vl",), **{**_QWEN_VL, "projectors": ("merger", "deepstack_merger_list")}),
+    # Qwen-VL's layout and positions (its processor and get_rope_index are Qwen2-VL's), its own picture tokens
+    Family("GLM-4V", ("glm4v",), **{**_QWEN_VL, "vision_wrapper": ("<|begin_of_image|>", "<|end_of_image|>")}),
     Family("LLaVA-1.5", ("llava",), **_TOWER_AND_PROJECTOR),
     # anyres: each picture becomes its tiles' patches (padded per batch, trimmed by image_sizes in the model)
     Family("LLaVA-NeXT", ("llava_next",), **_TOWER_AND_PROJECTOR),

@@ -9,6 +9,7 @@ turn's target (reasoning, content, tool calls, end-of-turn token) is supervised.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -257,8 +258,19 @@ class Encoder:
                 except grounding.GroundingError as e:
                     raise conv.error(str(e), "fix the <ref>/<box> tags", i, "content") from None
                 parts.append({"type": "text", "text": text})
-            messages.append(_template_message(message, parts, as_parts=self.processor is not None))
+            messages.append(_template_message(message, parts, as_parts=not self._template_reads_strings))
         return messages
+
+    @functools.cached_property
+    def _template_reads_strings(self) -> bool:
+        """Whether the chat template renders a message whose content is a string (Qwen3's reads only strings;
+        llava-hf's LLaVA and SmolVLM templates only lists of parts, and iterate a string's characters)."""
+        probe = [{"role": "user", "content": "Probe question"}, {"role": "assistant", "content": "Probe answer"}]
+        try:
+            text = self.template.render(probe)
+        except TemplateError:
+            return True
+        return "Probe question" in text and "Probe answer" in text
 
     def _box_text(self, box: BoxRef, original: list, resized: list) -> str:
         """An ms-swift box as our [0,1000) <box> text, normalised by the size of the image it refers to."""

@@ -1,0 +1,124 @@
+"""Vision-language families other than Qwen's, each on its tiny build (tuning/tiny/vision.py): its pictures reach the
+text through the toolkit's own data path (reading, the processor per size, pixels per batch, the collators), packed
+rows equal padded batches where the family packs, and a family that cannot be served is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from tests.helpers import loss_and_gradients, picture, write_jsonl
+from tuning.attention import attend_per_sample
+from tuning.data.collate import FlatteningCollator, PaddingCollator
+from tuning.data.dataset import build_dataset
+from tuning.data.encode import Encoder
+from tuning.data.media.resolution import MediaOptions
+from tuning.data.processing import load_processing, prepare_processing
+from tuning.families import UnsupportedFamily, family_of, packed_positions, require_support
+from tuning.model import set_use_cache
+from tuning.tiny import KINDS, ensure_tiny
+
+QWEN = ("vl", "qwen2-vl", "qwen3-vl")
+VISION_KINDS = sorted(name for name, kind in KINDS.items() if kind.vision and name not in QWEN)
+
+
+def served(kind: str) -> bool:
+    return not family_of(AutoConfig.from_pretrained(ensure_tiny(kind))).unsupported
+
+
+SERVED = [k for k in VISION_KINDS if served(k)]
+REFUSED = [k for k in VISION_KINDS if not served(k)]
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Pictures of three sizes and colours, and chats over them in the Hugging Face VLM shape (`{"type": "image"}`
+    parts matched in order to an `images` list), one, two and no pictures per sample."""
+    folder = tmp_path_factory.mktemp("family-pictures")
+    red, blue, green = (
+        picture(folder / "red.png", "red", (40, 30)),
+        picture(folder / "blue.png", "blue", (90, 70)),
+        picture(folder / "green.png", "green", (300, 200)),
+    )
+
+    def chat(question, answer, images):
+        parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        return {
+            "messages": [
+                {"role": "user", "content": parts},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ],
+            "images": [str(p) for p in images],
+        }
+
+    lines = [
+        chat("What colour is the shape?", "Red.", [red]),
+        chat("Which is larger?", "The second one.", [blue, green]),
+        chat("Say hello.", "Hello.", []),
+    ]
+    return write_jsonl(folder / "chats.jsonl", lines), (red, blue, green)
+
+
+def encoded(kind: str, data) -> tuple[Encoder, list[dict]]:
+    """Every sample of `data` encoded for the kind's tiny model as a run encodes it, its pixels computed."""
+    folder = ensure_tiny(kind)
+    processing = prepare_processing(load_processing(str(folder)), media=MediaOptions())
+    encoder = Encoder(processing.tokenizer, processing.processor, family=processing.family)
+    dataset, _ = build_dataset([str(data)], encoder, show_progress=False)
+    return encoder, [dataset[i] for i in range(len(dataset))]
+
+
+def tiny_model(kind: str):
+    model = AutoModelForImageTextToText.from_pretrained(ensure_tiny(kind)).eval()
+    set_use_cache(model, False)
+    return model
+
+
+@pytest.mark.parametrize("kind", SERVED)
+def test_every_picture_becomes_its_tokens_and_its_features(kind, pictures):
+    encoder, features = encoded(kind, pictures[0])
+    assert [len(f["input_ids"]) > 0 for f in features] == [True] * 3
+    with_pictures = [f for f in features if any(t == 1 for t in f.get("mm_token_type_ids") or [])]
+    assert len(with_pictures) == 2  # the sample without a picture has no picture tokens and no pixels
+    model = tiny_model(kind)
+    batch = PaddingCollator(encoder.tokenizer.pad_token_id, token_types=encoder.media.token_types_input)(with_pictures)
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+        # grey pictures where there are pictures (Idefics3 takes an all-zero tile for padding and drops it)
+        grey = {k: torch.where(v == 0, v, 0.3) if k.startswith("pixel_values") else v for k, v in batch.items()}
+        grey_loss = float(model(**grey).loss)
+    assert torch.isfinite(torch.tensor(loss))
+    assert abs(loss - grey_loss) > 1e-4, "the pictures do not reach the text"
+
+
+@pytest.mark.parametrize("kind", SERVED)
+def test_packed_rows_train_as_padded_batches_or_packing_is_off(kind, pictures):
+    family = family_of(AutoConfig.from_pretrained(ensure_tiny(kind)))
+    if not family.packs_exactly:
+        assert family.why_not_packed  # the run turns packing off with this reason (tuning.recipe)
+        return
+    encoder, features = encoded(kind, pictures[0])
+    types = encoder.media.token_types_input
+    padded_model, packed_model = tiny_model(kind), tiny_model(kind)
+    attend_per_sample(packed_model)  # as a packed run switches it
+    padded = PaddingCollator(encoder.tokenizer.pad_token_id, token_types=types)(features)
+    flat = FlatteningCollator(packed_positions(packed_model), token_types=types)(features)
+    for model in (padded_model, packed_model):
+        model.train()
+    torch.manual_seed(0)
+    padded_loss, padded_grads = loss_and_gradients(padded_model, padded)
+    torch.manual_seed(0)
+    packed_loss, packed_grads = loss_and_gradients(packed_model, flat)
+    assert abs(padded_loss - packed_loss) < 1e-5
+    assert padded_grads.keys() == packed_grads.keys()
+    for name, grad in padded_grads.items():
+        assert torch.allclose(grad, packed_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_a_family_that_cannot_be_served_is_refused_by_name(kind):
+    family = family_of(AutoConfig.from_pretrained(ensure_tiny(kind)))
+    with pytest.raises(UnsupportedFamily, match="cannot be trained by this toolkit yet") as refused:
+        require_support(family)
+    assert family.name in str(refused.value) and "\n" not in str(refused.value)
