@@ -21,8 +21,9 @@ continued by the template's own text.
 A turn ends where generation stops: at the last special token the template writes for it; at the end-of-sequence
 token before the next turn's opener where the template writes that opener after every turn (Command-R7B's
 tool-use template); at the special token that opens the next message where the template writes no end of turn
-(GLM: "<|user|>" or "<|observation|>", at which its generation config stops; after the last turn the one opening
-a user message, as GLM's own fine-tuning appends "<|user|>"). An end-of-sequence token inside a target is refused
+(GLM: its user or observation token, at which its generation config stops; after the last turn the one opening
+a user message, as GLM's own fine-tuning appends it), else with the end-of-sequence token (llava-hf's LLaVA
+templates write nothing that would stop generation). An end-of-sequence token inside a target is refused
 (Nemotron-Nano-v2 writes a final turn's text and its tool calls as two turns, each closed by it).
 """
 
@@ -219,7 +220,7 @@ class ChatTemplate:
 
     def _shared_prefix(self, a: str, b: str) -> int:
         """How much of `a` and `b` is the same text, ending where a token ends: at the end of either, or else after
-        a special token or a newline ("<|assistant|><think>" and "<|assistant|></think>" share "<|assistant|>")."""
+        a special token or a newline (GLM's assistant token then "<think>", and then "</think>", share that token)."""
         n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         if n in (len(a), len(b)):
             return n
