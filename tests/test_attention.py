@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from tests.helpers import assert_same_training_step, seed_features
-from tuning.attention import PACKED_SDPA, attend_per_sample, full_attention_only, sample_bounds
+from tuning.attention import PACKED_SDPA, attend_per_sample, attention_layers_only, sample_bounds
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.families import packed_positions
 from tuning.model import set_use_cache
@@ -131,16 +131,20 @@ def test_the_saved_config_keeps_a_loadable_attention(tiny_text, tmp_path):
     assert PACKED_SDPA not in (tmp_path / "config.json").read_text()
 
 
-def test_other_implementations_and_sliding_windows_are_left_alone(tiny_text):
+def test_other_implementations_and_layers_other_than_attention_are_left_alone(tiny_text):
+    """Eager keeps its implementation; a sliding window is attention the per-sample calls compute (within the window),
+    linear-attention layers are not."""
     eager = AutoModelForCausalLM.from_pretrained(tiny_text, attn_implementation="eager")
     assert not attend_per_sample(eager) and eager.config._attn_implementation == "eager"
     config = AutoConfig.from_pretrained(tiny_text)
-    assert full_attention_only(config)
-    sliding = json.loads(config.to_json_string())
-    config = type(config).from_dict(
-        {**sliding, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}
+    assert attention_layers_only(config)
+    settings = {k: v for k, v in json.loads(config.to_json_string()).items() if k != "layer_types"}
+    sliding = type(config).from_dict(
+        {**settings, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}
     )
-    assert not full_attention_only(config)
+    assert set(sliding.layer_types) == {"sliding_attention"} and attention_layers_only(sliding)
+    linear = type(config).from_dict({**settings, "layer_types": ["linear_attention", "full_attention"]})
+    assert not attention_layers_only(linear)
 
 
 def test_a_causal_row_without_positions_is_refused():
@@ -154,3 +158,38 @@ def test_a_causal_row_without_positions_is_refused():
     out, _ = packed_sdpa_attention(module, q, q, q, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
     first = torch.nn.functional.scaled_dot_product_attention(q[:, :, :3], q[:, :, :3], q[:, :, :3], is_causal=True)
     assert torch.allclose(out[:, :3], first.transpose(1, 2))
+
+
+def test_a_sliding_layer_sees_its_window_within_each_sample():
+    """A query sees itself and the window - 1 keys before it in its own sample (transformers' sliding masks), for
+    samples shorter than the window, as long, one longer and several windows long; grouped key/value heads too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tuning.attention import packed_sdpa_attention
+
+    window, lengths = 4, [3, 4, 5, 11]
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, sum(lengths), 8, generator=generator)
+    k, v = (torch.randn(1, 2, sum(lengths), 8, generator=generator) for _ in range(2))
+    positions = torch.tensor([[i for n in lengths for i in range(n)]])
+    sample = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)])
+    i, j = positions[0][:, None], positions[0][None, :]
+    band = (sample[:, None] == sample[None, :]) & (j <= i) & (j > i - window)
+    expected, _ = sdpa_attention_forward(module, q, k, v, band[None, None], scaling=0.5)
+    out, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=positions, sliding_window=window, scaling=0.5)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_the_mask_is_left_out_only_for_one_causal_row():
+    """Several rows, and masks that let a token see the next one (image blocks attending both ways), keep sdpa's own
+    mask: the per-sample calls only reproduce causal attention."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    from tuning.attention import packed_sdpa_mask
+
+    row = {"q_length": 6, "kv_length": 6, "allow_is_causal_skip": False}
+    assert packed_sdpa_mask(batch_size=1, mask_function=causal_mask_function, **row) is None
+    assert packed_sdpa_mask(batch_size=2, mask_function=causal_mask_function, **row).shape == (2, 1, 6, 6)
+    assert packed_sdpa_mask(batch_size=1, mask_function=bidirectional_mask_function, **row).all()

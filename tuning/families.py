@@ -101,9 +101,19 @@ _TOWER_AND_PROJECTOR = {
     "media": "pictures",
 }
 
+_MASKS_IGNORE_POSITIONS = (
+    "transformers builds its attention masks without the packed positions and it has no sdpa to split them by, so "
+    "its packed samples would see each other"
+)
+
 FAMILIES = (
     Family("Qwen2 / Qwen2.5", ("qwen2",)),
     Family("Qwen3", ("qwen3",)),
+    # text families whose attention masks ignore the packed positions (measured: a packed sample sees the one before)
+    Family("gpt-oss", ("gpt_oss",), packs_exactly=False, why_not_packed=_MASKS_IGNORE_POSITIONS),
+    Family("BLOOM", ("bloom",), packs_exactly=False, why_not_packed=_MASKS_IGNORE_POSITIONS),
+    Family("MPT", ("mpt",), packs_exactly=False, why_not_packed=_MASKS_IGNORE_POSITIONS),
+    Family("XGLM", ("xglm",), packs_exactly=False, why_not_packed=_MASKS_IGNORE_POSITIONS),
     Family("Qwen2-VL", ("qwen2_vl",), grounding=QWEN2_VL_TOKENS, **_QWEN_VL),
     Family("Qwen2.5-VL", ("qwen2_5_vl",), grounding=QWEN2_5_VL_TOKENS, **_QWEN_VL),
     # its deepstack mergers feed picture features into early text layers: projectors too
@@ -144,9 +154,9 @@ FAMILIES = (
     ),
 )
 
-# Layer kinds whose state or window stays within a sample of a packed row; any other kind (linear attention, Mamba)
-# carries a recurrent state from one sample into the next.
-_PER_SAMPLE_LAYERS = ("full_attention", "sliding_attention")
+# Layer kinds whose state or window stays within a sample of a packed row (mlp and moe: Nemotron-H's per-token
+# layers); any other kind (linear attention, Mamba) carries a recurrent state from one sample into the next.
+_PER_SAMPLE_LAYERS = ("full_attention", "sliding_attention", "mlp", "moe")
 
 
 class UnsupportedFamily(ValueError):
@@ -166,15 +176,20 @@ def family_of(config) -> Family:
 
 
 def _generic(config) -> Family:
+    from tuning.attention import model_class_for
+
     kinds = set(getattr(config.get_text_config(), "layer_types", None) or [])
     carried = sorted(kinds - set(_PER_SAMPLE_LAYERS))
     why = f"its {', '.join(carried)} layers carry their state from one packed sample into the next" if carried else ""
+    model_class = model_class_for(config)
+    if not why and getattr(model_class, "_is_stateful", False):  # transformers' own flag: RWKV, xLSTM, Mamba, ...
+        why = f"{model_class.__name__} carries a recurrent state from one packed sample into the next"
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     return Family(
         f"{architecture} (model_type {config.model_type!r})",
         (config.model_type,),
         vision_language=is_vision_language(config),
-        packs_exactly=not carried,
+        packs_exactly=not why,
         why_not_packed=why,
     )
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
+from tuning.attention import supported_attention
 from tuning.families import family_of, is_vision_language
 from tuning.runtime import gptqmodel_only_for
 
@@ -109,8 +110,11 @@ def load_model(options: LoadOptions):
     # A checkpoint saved quantized (bitsandbytes, AWQ, ...) brings its own config; ours would clash with it.
     if (quantization := quantization_config(options, config)) is not None:
         kwargs["quantization_config"] = quantization
-    if options.attn_implementation:
-        kwargs["attn_implementation"] = options.attn_implementation
+    attention, why = supported_attention(config, options.attn_implementation)
+    if why:
+        logger.info("attention: %s", why)
+    if attention:
+        kwargs["attn_implementation"] = attention
     if options.device_map is not None and not options.zero3:
         kwargs["device_map"] = options.device_map
     elif kwargs.get("quantization_config") is not None and not torch.cuda.is_available() and not options.zero3:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from tuning.attention import PACKED_SDPA, attend_per_sample
+from tuning.attention import PACKED_SDPA, attend_per_sample, supported_attention
 from tuning.callbacks import LossPlotCallback, SampleGenerationCallback, StopOnSignal, ThroughputCallback, TileMLPs
 from tuning.checkpoints import RestoreFullWeights, resolve_resume, resume_command, save_final, save_run_args
 from tuning.data.cache import CacheError
@@ -161,6 +161,10 @@ def _settle_for_model(values: dict, config) -> list[str]:
     except UnsupportedFamily as e:
         raise SystemExit(f"{PROG}: {e}") from None
     changes = []
+    attention, why = supported_attention(config, values.get("attn_implementation"))
+    if why:
+        values["attn_implementation"] = attention
+        changes.append(why)
     if values.get("ddp_find_unused_parameters") is None and is_vision_language(config):
         values["ddp_find_unused_parameters"] = True
         changes.append("--ddp_find_unused_parameters True: text-only batches leave the vision tower out of the graph")
