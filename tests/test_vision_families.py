@@ -15,7 +15,7 @@ from tuning.data.dataset import build_dataset
 from tuning.data.encode import Encoder
 from tuning.data.media.resolution import MediaOptions
 from tuning.data.processing import load_processing, prepare_processing
-from tuning.families import UnsupportedFamily, family_of, packed_positions, require_support
+from tuning.families import family_of, packed_positions
 from tuning.model import set_use_cache
 from tuning.tiny import KINDS, ensure_tiny
 
@@ -23,12 +23,7 @@ QWEN = ("vl", "qwen2-vl", "qwen3-vl")
 VISION_KINDS = sorted(name for name, kind in KINDS.items() if kind.vision and name not in QWEN)
 
 
-def served(kind: str) -> bool:
-    return not family_of(AutoConfig.from_pretrained(ensure_tiny(kind))).unsupported
-
-
-SERVED = [k for k in VISION_KINDS if served(k)]
-REFUSED = [k for k in VISION_KINDS if not served(k)]
+SERVED = VISION_KINDS
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +64,15 @@ def encoded(kind: str, data) -> tuple[Encoder, list[dict]]:
     return encoder, [dataset[i] for i in range(len(dataset))]
 
 
+def collators(encoder: Encoder, positions) -> tuple[PaddingCollator, FlatteningCollator]:
+    """The padding and the flattening collator as a run builds them for the family (tuning.recipe.collator_for)."""
+    types, rows = encoder.media.token_types_input, encoder.family.media_rows_per_sample
+    return (
+        PaddingCollator(encoder.tokenizer.pad_token_id or 0, token_types=types, rows_per_sample=rows),
+        FlatteningCollator(positions, token_types=types, rows_per_sample=rows),
+    )
+
+
 def tiny_model(kind: str):
     model = AutoModelForImageTextToText.from_pretrained(ensure_tiny(kind)).eval()
     set_use_cache(model, False)
@@ -99,11 +103,10 @@ def test_packed_rows_train_as_padded_batches_or_packing_is_off(kind, pictures):
         assert family.why_not_packed  # the run turns packing off with this reason (tuning.recipe)
         return
     encoder, features = encoded(kind, pictures[0])
-    types = encoder.media.token_types_input
     padded_model, packed_model = tiny_model(kind), tiny_model(kind)
     attend_per_sample(packed_model)  # as a packed run switches it
-    padded = PaddingCollator(encoder.tokenizer.pad_token_id, token_types=types)(features)
-    flat = FlatteningCollator(packed_positions(packed_model), token_types=types)(features)
+    padding, flattening = collators(encoder, packed_positions(packed_model))
+    padded, flat = padding(features), flattening(features)
     for model in (padded_model, packed_model):
         model.train()
     torch.manual_seed(0)
@@ -114,11 +117,3 @@ def test_packed_rows_train_as_padded_batches_or_packing_is_off(kind, pictures):
     assert padded_grads.keys() == packed_grads.keys()
     for name, grad in padded_grads.items():
         assert torch.allclose(grad, packed_grads[name], atol=1e-5, rtol=1e-4), name
-
-
-@pytest.mark.parametrize("kind", REFUSED)
-def test_a_family_that_cannot_be_served_is_refused_by_name(kind):
-    family = family_of(AutoConfig.from_pretrained(ensure_tiny(kind)))
-    with pytest.raises(UnsupportedFamily, match="cannot be trained by this toolkit yet") as refused:
-        require_support(family)
-    assert family.name in str(refused.value) and "\n" not in str(refused.value)

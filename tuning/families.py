@@ -22,14 +22,21 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 @dataclass(frozen=True)
 class GroundingStyle:
     """How <ref>label</ref><box>(x1,y1),(x2,y2)</box> is written for a model: around the label and the box, its own
-    tokens or the data's tags; the coordinates in [0,1000) or in pixels of the picture as the model sees it."""
+    tokens or the data's tags (or nothing around the label: it stays plain text); the corners as two pairs or as a
+    list; the coordinates in [0,1000) or in pixels of the picture as the model sees it."""
 
     name: str  # the --grounding_format value
     description: str
-    ref: tuple[str, str]
+    ref: tuple[str, str] | tuple[()]  # () : the label is written as plain text before its box
     box: tuple[str, str]
     pixels: bool = False
-    added: bool = False  # the tags are not the model's own tokens: a run adds them, and their embedding rows train
+    # the tags are text to a model that lacks them: a run adds those its vocabulary lacks as new tokens, whose
+    # embedding rows train (none for a model that has them, as InternVL has <ref>/<box>); and since a run may have
+    # added them, a vocabulary that holds them does not choose the style (the family record or the flag does)
+    added: bool = False
+    # how a box's corners are written: "pairs" (x1,y1),(x2,y2), one box a tag; "list" [[x1, y1, x2, y2]] and
+    # "compact-list" [[x1,y1,x2,y2]], where the boxes of one label share a tag: [[x1, y1, x2, y2], [x1, ...]]
+    corners: str = "pairs"
 
 
 # The data's own form (Qwen-VL's), and the convention of models that have no grounding tokens of their own.
@@ -43,7 +50,23 @@ QWEN2_VL_TOKENS = GroundingStyle(
 QWEN2_5_VL_TOKENS = replace(
     QWEN2_VL_TOKENS, name="qwen2.5-vl", description="native tokens, pixel coordinates", pixels=True
 )
-GROUNDING_STYLES = {style.name: style for style in (DATA_TAGS, QWEN2_VL_TOKENS, QWEN2_5_VL_TOKENS)}
+# InternVL's own (its grounding eval and demo, OpenGVLab/InternVL): the same four tags, special tokens of its
+# tokenizer, around a list of boxes in [0,1000)
+INTERNVL_TAGS = replace(
+    DATA_TAGS, name="internvl", description="its own tags around [[x1, y1, x2, y2]] lists, [0,1000)", corners="list"
+)
+# GLM-4.1V/4.5V (zai-org/GLM-V's README): a box between <|begin_of_box|> and <|end_of_box|>, in [0,1000), no label
+# tokens. The same markers also wrap a plain final answer; only numbers in fours read back as boxes.
+GLM_V_BOXES = GroundingStyle(
+    "glm-4v",
+    "native box tokens around [[x1,y1,x2,y2]] lists, plain labels, [0,1000)",
+    (),
+    ("<|begin_of_box|>", "<|end_of_box|>"),
+    corners="compact-list",
+)
+GROUNDING_STYLES = {
+    style.name: style for style in (DATA_TAGS, QWEN2_VL_TOKENS, QWEN2_5_VL_TOKENS, INTERNVL_TAGS, GLM_V_BOXES)
+}
 AUTO = "auto"  # the model's own convention
 
 # The MLP projections of the Llama-style gated MLP, which most families share (the tiled MLP looks for them).
@@ -68,8 +91,11 @@ class Family:
     # "pixel-budget" (its size holds pixel counts), "longest-edge" (its size holds the longest edge in pixels: the
     # square root of the budget); None: the processor's own fixed size or tiles, left as they are
     resolution: str | None = None
-    # what the toolkit lacks to train the family exactly: a non-empty reason refuses it before anything loads
-    unsupported: str = ""
+    # the processor's picture features have one row per sample (Idefics3's tiles, Mllama's pictures x tiles): a
+    # batch holds a row for every sample, empty (zeros, which the model drops or masks) for one without pictures
+    media_rows_per_sample: bool = False
+    # pictures enter the text through cross-attention layers, by a mask from each sample's ids (Mllama)
+    cross_attention: bool = False
     # positions of a packed row come from the model's own get_rope_index (RopeIndexPositions), else 1-D positions
     rope_index: bool = False
     grounding: GroundingStyle | None = None  # its own convention; None: a style whose tokens it has, else the tags
@@ -119,12 +145,17 @@ FAMILIES = (
     # its deepstack mergers feed picture features into early text layers: projectors too
     Family("Qwen3-VL", ("qwen3_vl",), **{**_QWEN_VL, "projectors": ("merger", "deepstack_merger_list")}),
     # Qwen-VL's layout and positions (its processor and get_rope_index are Qwen2-VL's), its own picture tokens
-    Family("GLM-4V", ("glm4v",), **{**_QWEN_VL, "vision_wrapper": ("<|begin_of_image|>", "<|end_of_image|>")}),
+    Family(
+        "GLM-4V",
+        ("glm4v",),
+        grounding=GLM_V_BOXES,
+        **{**_QWEN_VL, "vision_wrapper": ("<|begin_of_image|>", "<|end_of_image|>")},
+    ),
     Family("LLaVA-1.5", ("llava",), **_TOWER_AND_PROJECTOR),
     # anyres: each picture becomes its tiles' patches (padded per batch, trimmed by image_sizes in the model)
     Family("LLaVA-NeXT", ("llava_next",), **_TOWER_AND_PROJECTOR),
     Family("LLaVA-OneVision", ("llava_onevision",), **_TOWER_AND_PROJECTOR),
-    Family("InternVL", ("internvl",), **_TOWER_AND_PROJECTOR),
+    Family("InternVL", ("internvl",), grounding=INTERNVL_TAGS, **_TOWER_AND_PROJECTOR),
     Family("Mistral 3 (Pixtral tower)", ("mistral3",), **_TOWER_AND_PROJECTOR, resolution="longest-edge"),
     Family(
         "Gemma 3",
@@ -142,6 +173,7 @@ FAMILIES = (
         projectors=("connector",),
         media="pictures",
         resolution="longest-edge",
+        media_rows_per_sample=True,
     ),
     Family(
         "Llama 3.2 Vision (Mllama)",
@@ -149,8 +181,12 @@ FAMILIES = (
         vision_language=True,
         vision_towers=("vision_model",),
         projectors=("multi_modal_projector",),
-        unsupported="its pictures enter the text through cross-attention layers, with a cross-attention mask per "
-        "text token and picture tile that the toolkit does not build yet (only placeholder-token families are served)",
+        media="pictures",
+        media_rows_per_sample=True,
+        cross_attention=True,
+        packs_exactly=False,
+        why_not_packed="its text reaches the pictures through cross-attention, and the tokens before a packed "
+        "sample's first picture would attend to every picture of the row",
     ),
 )
 
@@ -197,13 +233,8 @@ def _generic(config) -> Family:
 def require_support(family: Family) -> Family:
     """The family, if the toolkit can train it: a vision-language model whose family has no record is refused,
     with what is missing."""
-    if family.unsupported:
-        raise UnsupportedFamily(
-            f"{family.name} cannot be trained by this toolkit yet: {family.unsupported}. Supported vision-language "
-            f"families: {', '.join(f.name for f in FAMILIES if f.media and not f.unsupported)}"
-        )
     if family.vision_language and family.media is None:
-        known = ", ".join(f.name for f in FAMILIES if f.media and not f.unsupported)
+        known = ", ".join(f.name for f in FAMILIES if f.media)
         raise UnsupportedFamily(
             f"{family.name} is a vision-language model of a family this toolkit has no record for: it does not know "
             "how that family's processor lays out pictures, where its vision tower and projector are, or how its "
@@ -235,6 +266,24 @@ DOCUMENT_END = "<|endoftext|>"
 def end_of_text(family: Family, tokenizer) -> str:
     """The token that ends a pre-training document: the document-end token where the tokenizer has it, else eos."""
     return DOCUMENT_END if DOCUMENT_END in tokenizer.get_vocab() else tokenizer.eos_token
+
+
+# -- Mllama's cross-attention mask ------------------------------------------------------------------------------
+
+
+def cross_attention_mask(ids: list[int], image_token_id: int, aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+    """(1, tokens, pictures, tiles): which of the sample's picture tiles each text token attends to, as Mllama's
+    processor builds it (a picture is seen from its token on, up to the next picture's), from the sample's own ids."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    tiles = aspect_ratio_mask.reshape(-1, aspect_ratio_mask.shape[-1]).sum(-1).tolist()
+    dense = convert_sparse_cross_attention_mask_to_dense(
+        [get_cross_attention_token_mask(ids, image_token_id)], [tiles], aspect_ratio_mask.shape[-1], len(ids)
+    )
+    return torch.from_numpy(dense)
 
 
 # -- Qwen-VL's packed positions ---------------------------------------------------------------------------------

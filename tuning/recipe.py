@@ -361,14 +361,14 @@ def build_trainer(
 
 
 def collator_for(model, encoder: Encoder, packing: bool, world_size: int):
-    token_types = encoder.media.token_types_input
+    token_types, rows = encoder.media.token_types_input, encoder.family.media_rows_per_sample
     if not packing:
-        return PaddingCollator(pad_token_id=pad_id(encoder.tokenizer), token_types=token_types)
+        return PaddingCollator(pad_id(encoder.tokenizer), token_types=token_types, rows_per_sample=rows)
     placeholder = None
     if world_size > 1 and encoder.image_processor is not None:
         # ranks must reduce the same parameters: a rank whose batch has no picture would leave the projector out
         placeholder = sample_to_features(encoder.placeholder_image_sample())
-    return FlatteningCollator(positions=packed_positions(model), placeholder=placeholder, token_types=token_types)
+    return FlatteningCollator(packed_positions(model), placeholder, token_types=token_types, rows_per_sample=rows)
 
 
 def pad_id(tokenizer) -> int:

@@ -14,19 +14,37 @@ TEXT_KEYS = ("input_ids", "labels", "mm_token_type_ids", "second_per_grid_ts")
 TOKEN_TYPES = "mm_token_type_ids"
 
 
-def _stack_media(features: list[dict], batch: dict) -> None:
+# features with a row per token of their sample (Mllama's cross-attention mask): padded to the batch's length
+PER_TOKEN = ("cross_attention_mask",)
+
+
+def _stack_media(features: list[dict], batch: dict, rows_per_sample: bool = False) -> None:
     """Pictures and videos of the batch, in sample order (the model matches them to their tokens in order):
     each feature of the processor joined along its first dimension (pictures, tiles, patches or, for a
     processor that returns one row per sample, samples), padded at the end of every other dimension where the
     samples differ (a processor pads its own batch the same way: Pixtral's sizes, LLaVA-OneVision's patches,
-    Idefics3's pictures per sample, which the model then drops as empty)."""
+    Idefics3's pictures per sample, which the model then drops as empty). `rows_per_sample`: every sample has its
+    row, zeros for one without pictures (Idefics3 drops all-zero tiles; Mllama's zero mask attends to nothing)."""
     keys = dict.fromkeys(k for f in features for k, v in f.items() if k not in TEXT_KEYS and v is not None)
+    length = batch["input_ids"].shape[1]
     for key in keys:
-        found = [torch.as_tensor(f[key]) for f in features if f.get(key) is not None]
-        batch[key] = _joined(found)
+        found = [torch.as_tensor(f[key]) if f.get(key) is not None else None for f in features]
+        if key in PER_TOKEN:
+            found = [t if t is None else _padded_to(t, 1, length) for t in found]
+        if not rows_per_sample:
+            batch[key] = _joined([t for t in found if t is not None])
+            continue
+        example = next(t for t in found if t is not None)
+        rows = [t if t is not None else torch.zeros((1, *example.shape[1:]), dtype=example.dtype) for t in found]
+        batch[key] = _joined(rows)
     times = [t for f in features for t in f.get("second_per_grid_ts") or []]
     if times:
         batch["second_per_grid_ts"] = torch.tensor(times)
+
+
+def _padded_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    pads = [0, 0] * (tensor.dim() - dim - 1) + [0, size - tensor.shape[dim]]
+    return torch.nn.functional.pad(tensor, pads)
 
 
 def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -58,6 +76,7 @@ class PaddingCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     token_types: str | None = TOKEN_TYPES  # the model input that marks picture tokens (MediaProcessor)
+    rows_per_sample: bool = False  # the family's picture features have a row per sample (tuning.families)
 
     def __call__(self, features: list[dict]) -> dict:
         longest = max(len(f["input_ids"]) for f in features)
@@ -78,7 +97,7 @@ class PaddingCollator:
         if any(f.get(TOKEN_TYPES) is not None for f in features):
             batch[TOKEN_TYPES] = pad(TOKEN_TYPES, 0)
         _token_types(batch, self.token_types)
-        _stack_media(features, batch)
+        _stack_media(features, batch, self.rows_per_sample)
         return batch
 
 
@@ -97,6 +116,7 @@ class FlatteningCollator:
     # one blank picture and no labels, added to picture-less batches (Encoder.placeholder_image_sample)
     placeholder: dict | None = None
     token_types: str | None = TOKEN_TYPES
+    rows_per_sample: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
         if self.placeholder is not None and not any(_has_media(f) for f in features):
@@ -111,7 +131,7 @@ class FlatteningCollator:
         if self.positions is not None or any(_has_media(f) for f in features):
             batch[TOKEN_TYPES] = torch.tensor([[t for f in features for t in self._token_types(f)]])
             _token_types(batch, self.token_types)
-            _stack_media(features, batch)
+            _stack_media(features, batch, self.rows_per_sample)
         return batch
 
     @staticmethod

@@ -23,7 +23,16 @@ from tuning.data.errors import DataError
 from tuning.data.media.images import ImageLimits, ImageLoadError
 from tuning.data.media.processor import MediaProcessor
 from tuning.data.template import ChatTemplate, Rendered, Segment, TemplateError
-from tuning.families import AUTO, GENERIC, Family, GroundingStyle, end_of_text, grounding_style, require_support
+from tuning.families import (
+    AUTO,
+    GENERIC,
+    Family,
+    GroundingStyle,
+    cross_attention_mask,
+    end_of_text,
+    grounding_style,
+    require_support,
+)
 
 IGNORE_INDEX = -100
 OVERLONG_POLICIES = ("turns", "drop", "error")
@@ -187,7 +196,17 @@ class Encoder:
             computed = self.media.pixels(sample.images, sample.videos, sample.media, tokens)
         except (ImageLoadError, ValueError, RuntimeError) as e:
             raise DataError(*sample.origin, str(e)) from None
-        return {**computed, **sample.media}  # as encoded where both hold a key (the grids are checked equal)
+        features = {**computed, **sample.media}  # as encoded where both hold a key (the grids are checked equal)
+        return self._with_cross_attention(features, sample.input_ids)
+
+    def _with_cross_attention(self, features: dict, ids: list[int]) -> dict:
+        """A cross-attention family's mask for these ids (tuning.families.cross_attention_mask), where there are
+        pictures."""
+        if self.family.cross_attention and "aspect_ratio_mask" in features:
+            features["cross_attention_mask"] = cross_attention_mask(
+                ids, self.image_token_id, features["aspect_ratio_mask"]
+            )
+        return features
 
     def placeholder_image_sample(self) -> Sample:
         """One blank picture and nothing to learn (all labels -100): added to a picture-less packed batch so
@@ -224,7 +243,7 @@ class Encoder:
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         if media.features and self.media.token_types_input:
             inputs[self.media.token_types_input] = torch.tensor([self.token_types(ids)])
-        return {**inputs, **media.features}
+        return self._with_cross_attention({**inputs, **media.features}, ids)
 
     # -- rendering --------------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 answers, and drawn on pictures.
 
 Data uses Qwen-VL's form: <ref>a shirt</ref><box>(x1,y1),(x2,y2)</box>, coordinates normalised to [0,1000). A model
-writes them in its GroundingStyle (tuning.families): its own tokens around the label and the box, or these tags
-added as new tokens; coordinates in [0,1000), or in pixels of the picture as the model sees it (after resizing).
+writes them in its GroundingStyle (tuning.families): its own tokens around the label and the box, these tags added
+as new tokens, or a plain label before its box; the corners as two pairs or as a list ([[x1, y1, x2, y2]], the
+boxes of one label in one list); coordinates in [0,1000), or in pixels of the picture as the model sees it (after
+resizing). Answers are read in every style, whatever the model's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from tuning.families import DATA_TAGS, GROUNDING_STYLES, GroundingStyle
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _PAIR = rf"\({_NUM},{_NUM}\)"
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# what a box of any style holds between its tags: numbers in brackets, as pairs (x1,y1),(x2,y2) or as lists
+# [x1, y1, x2, y2], [[x1, y1, x2, y2], [...]] (GLM-V says its brackets vary: (), [], [[]])
+_BOX_BODY = r"[-\d.,;\s\[\]()]*"
+_LIST_SEPARATORS = {"list": ", ", "compact-list": ","}
 
 
 class GroundingError(ValueError):
@@ -30,26 +37,20 @@ def style_named(style: str | GroundingStyle) -> GroundingStyle:
     return GROUNDING_STYLES[style]
 
 
-@functools.cache
-def _patterns(style: GroundingStyle) -> tuple[re.Pattern, re.Pattern]:
-    """(box, ref) of a style: the box's two corners as groups, the ref's label as a group."""
-    (ref_open, ref_close), (box_open, box_close) = (tuple(map(re.escape, pair)) for pair in (style.ref, style.box))
-    box = re.compile(rf"{box_open}\s*{_PAIR}\s*,?\s*{_PAIR}\s*{box_close}")
-    return box, re.compile(rf"{ref_open}(.*?){ref_close}", re.DOTALL)
+def _escaped(pair: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(map(re.escape, pair))
 
 
-BOX, REF = _patterns(DATA_TAGS)
-ANY_BOX_TAG = re.compile("|".join(re.escape(tag) for tag in DATA_TAGS.box))
+_DATA_REF, _DATA_BOX = _escaped(DATA_TAGS.ref), _escaped(DATA_TAGS.box)
+BOX = re.compile(rf"{_DATA_BOX[0]}\s*{_PAIR}\s*,?\s*{_PAIR}\s*{_DATA_BOX[1]}")
+BOXES = re.compile(rf"(?:{BOX.pattern})+")  # the boxes of one label: one after another, nothing between them
+REF = re.compile(rf"{_DATA_REF[0]}(.*?){_DATA_REF[1]}", re.DOTALL)
+ANY_BOX_TAG = re.compile("|".join(_escaped(DATA_TAGS.box)))
 
 
 def has_grounding(text: str) -> bool:
     """Whether the text holds the data's tags."""
     return DATA_TAGS.ref[0] in text or any(tag in text for tag in DATA_TAGS.box)
-
-
-def has_boxes(text: str) -> bool:
-    """Whether an answer holds a box in any style."""
-    return any(style.box[0] in text for style in GROUNDING_STYLES.values())
 
 
 def uses_grounding(conversations) -> bool:
@@ -74,6 +75,17 @@ def box_tag(coords) -> str:
     return f"{DATA_TAGS.box[0]}({x1},{y1}),({x2},{y2}){DATA_TAGS.box[1]}"
 
 
+def _written(boxes: list[list[int]], style: GroundingStyle) -> str:
+    """The boxes of one label in the style: a tag each as pairs, or one tag around their list."""
+    opening, closing = style.box
+    if style.corners == "pairs":
+        return "".join(f"{opening}({x1},{y1}),({x2},{y2}){closing}" for x1, y1, x2, y2 in boxes)
+    if style.corners not in _LIST_SEPARATORS:
+        raise GroundingError(f"grounding style {style.name} has unknown corners {style.corners!r}")
+    sep = _LIST_SEPARATORS[style.corners]
+    return f"{opening}[{sep.join('[' + sep.join(map(str, box)) + ']' for box in boxes)}]{closing}"
+
+
 def convert(text: str, style: str | GroundingStyle, image_size: tuple[int, int] | None = None) -> str:
     """Rewrite the data's grounding tags in `text` in `style`.
 
@@ -88,17 +100,18 @@ def convert(text: str, style: str | GroundingStyle, image_size: tuple[int, int] 
     if style.pixels and image_size is None:
         raise GroundingError(f"a box with no image before it; {style.name} boxes are pixels of an image")
 
-    def box(match: re.Match) -> str:
+    def corners(match: re.Match) -> list[int]:
         coords = [float(c) for c in match.groups()]
         _check_box(coords, match.group(0))
         if style.pixels:
             width, height = image_size
             coords = [c * s / 1000 for c, s in zip(coords, (width, height, width, height), strict=True)]
-        x1, y1, x2, y2 = (round(c) for c in coords)
-        return f"{style.box[0]}({x1},{y1}),({x2},{y2}){style.box[1]}"
+        return [round(c) for c in coords]
 
-    text = BOX.sub(box, text)
-    if style.ref != DATA_TAGS.ref:
+    text = BOXES.sub(lambda run: _written([corners(m) for m in BOX.finditer(run.group(0))], style), text)
+    if not style.ref:  # the label stays as plain text before its box
+        text = REF.sub(lambda m: m.group(1), text)
+    elif style.ref != DATA_TAGS.ref:
         text = REF.sub(lambda m: f"{style.ref[0]}{m.group(1)}{style.ref[1]}", text)
     return text
 
@@ -112,38 +125,70 @@ class Box:
     y2: float
 
 
+@dataclass(frozen=True)
+class _AnswerPattern:
+    """A box in any style with the ref before it: groups ref{i} per ref tag pair, body{j} per box tag pair."""
+
+    pattern: re.Pattern
+    refs: int
+    boxes: tuple[tuple[str, str], ...]  # the box tag pairs, in group order
+    plain: frozenset  # box tag pairs of the styles whose label is plain text before the box
+
+    def parts(self, match: re.Match) -> tuple[str | None, tuple[str, str], list[list[float]]]:
+        """(ref label or None, box tags, the corners of each box in it: none where it holds no fours of numbers)."""
+        found = match.groupdict()
+        ref = next((found[f"ref{i}"] for i in range(self.refs) if found[f"ref{i}"] is not None), None)
+        j = next(j for j in range(len(self.boxes)) if found[f"body{j}"] is not None)
+        numbers = [float(n) for n in _NUMBER.findall(found[f"body{j}"])]
+        fours = [numbers[k : k + 4] for k in range(0, len(numbers), 4)] if len(numbers) % 4 == 0 else []
+        return ref, self.boxes[j], fours
+
+
 @functools.cache
-def _answer_pattern() -> tuple[re.Pattern, tuple[GroundingStyle, ...]]:
-    """One pattern for a box in any style, with the ref before it: groups ref{i}, then box{i}_1..4 per style."""
-    styles = tuple({(s.ref, s.box): s for s in GROUNDING_STYLES.values()}.values())  # one per tag pair
-    refs, boxes = [], []
-    for i, style in enumerate(styles):
-        (ref_open, ref_close), (box_open, box_close) = (tuple(map(re.escape, pair)) for pair in (style.ref, style.box))
-        refs.append(rf"{ref_open}(?P<ref{i}>.*?){ref_close}")
-        corners = [rf"\s*(?P<box{i}_{k}>-?\d+(?:\.\d+)?)\s*" for k in range(4)]
-        boxes.append(rf"{box_open}\s*\({corners[0]},{corners[1]}\)\s*,?\s*\({corners[2]},{corners[3]}\)\s*{box_close}")
-    pattern = re.compile(rf"(?:{'|'.join(refs)})?\s*(?:{'|'.join(boxes)})", re.DOTALL)
-    return pattern, styles
+def _answer_pattern() -> _AnswerPattern:
+    refs = list(dict.fromkeys(s.ref for s in GROUNDING_STYLES.values() if s.ref))
+    boxes = tuple(dict.fromkeys(s.box for s in GROUNDING_STYLES.values()))
+    ref_alternatives = []
+    for i, pair in enumerate(refs):
+        opening, closing = _escaped(pair)
+        ref_alternatives.append(rf"{opening}(?P<ref{i}>(?:(?!{opening}).)*?){closing}")  # no ref inside a label
+    box_alternatives = []
+    for j, pair in enumerate(boxes):
+        opening, closing = _escaped(pair)
+        box_alternatives.append(rf"{opening}(?P<body{j}>{_BOX_BODY}){closing}")
+    pattern = re.compile(rf"(?:{'|'.join(ref_alternatives)})?\s*(?:{'|'.join(box_alternatives)})", re.DOTALL)
+    plain = frozenset(s.box for s in GROUNDING_STYLES.values() if not s.ref)
+    return _AnswerPattern(pattern, len(refs), boxes, plain)
 
 
 def find_boxes(text: str, style: str | GroundingStyle, image_size: tuple[int, int] | None = None) -> list[Box]:
     """Boxes in a model's answer, in [0,1000) coordinates, each with the ref label that precedes it (or the last
-    label before it). Boxes of every style are found; those written in `style` are scaled back from pixels when the
-    style is in pixels and `image_size` (the picture as the model saw it) is given."""
+    label before it; in a style without label tokens, the text before it on its line). Boxes of every style are
+    found, several in one list too; those written in `style` are scaled back from pixels when the style is in
+    pixels and `image_size` (the picture as the model saw it) is given."""
     style = style_named(style)
-    pattern, styles = _answer_pattern()
+    answers = _answer_pattern()
     boxes: list[Box] = []
-    label = ""
-    for m in pattern.finditer(text):
-        found = m.groupdict()
-        label = next((found[f"ref{i}"] for i in range(len(styles)) if found[f"ref{i}"]), None) or label
-        which = next(i for i in range(len(styles)) if found[f"box{i}_0"] is not None)
-        coords = [float(found[f"box{which}_{k}"]) for k in range(4)]
-        if style.pixels and image_size and styles[which].box == style.box:
-            width, height = image_size
-            coords = [c * 1000 / s for c, s in zip(coords, (width, height, width, height), strict=True)]
-        boxes.append(Box(label.strip(), *coords))
+    label, end = "", 0
+    for m in answers.pattern.finditer(text):
+        ref, tags, fours = answers.parts(m)
+        if ref:
+            label = ref
+        elif tags in answers.plain and fours:
+            label = _leftover_tags().sub("", text[end : m.start()].rsplit("\n", 1)[-1]).strip() or label
+        end = m.end()
+        for coords in fours:
+            if style.pixels and image_size and tags == style.box:
+                width, height = image_size
+                coords = [c * 1000 / s for c, s in zip(coords, (width, height, width, height), strict=True)]
+            boxes.append(Box(label.strip(), *coords))
     return boxes
+
+
+def has_boxes(text: str) -> bool:
+    """Whether an answer holds a box in any style."""
+    answers = _answer_pattern()
+    return any(answers.parts(m)[2] for m in answers.pattern.finditer(text))
 
 
 @functools.cache
@@ -152,11 +197,23 @@ def _leftover_tags() -> re.Pattern:
     return re.compile("|".join(re.escape(tag) for tag in sorted(tags, key=len, reverse=True)))
 
 
+@functools.cache
+def _refs() -> re.Pattern:
+    pairs = dict.fromkeys(s.ref for s in GROUNDING_STYLES.values() if s.ref)
+    return re.compile("|".join(rf"{o}(.*?){c}" for o, c in map(_escaped, pairs)), re.DOTALL)
+
+
 def strip_tags(text: str) -> str:
-    """Readable text of an answer: labels kept, boxes removed, and no tag left even from a malformed answer."""
-    for style in GROUNDING_STYLES.values():
-        box, ref = _patterns(style)
-        text = ref.sub(lambda m: m.group(1), box.sub("", text))
+    """Readable text of an answer: labels kept, boxes removed, and no tag left even from a malformed answer (what
+    a box tag holds stays when it is no box: GLM-V marks plain final answers with its box tokens too)."""
+    answers = _answer_pattern()
+
+    def readable(m: re.Match) -> str:
+        ref, _, fours = answers.parts(m)
+        return (ref or "") if fours else m.group(0)
+
+    text = answers.pattern.sub(readable, text)
+    text = _refs().sub(lambda m: next(g for g in m.groups() if g is not None), text)
     return _leftover_tags().sub("", text)
 
 

@@ -228,8 +228,13 @@ class MediaProcessor:
             return_tensors="pt",
             **kwargs,
         )
-        replacements = out.pop("text_replacement_offsets")[0]
         features = {k: v for k, v in out.items() if k not in _TEXT_OUTPUTS}
+        if "text_replacement_offsets" not in out:
+            # a processor that writes no replacements leaves each placeholder as it is (Mllama: the pictures go
+            # in through cross-attention, one token each in the text)
+            texts = ([self.image_token] * len(images), [self.video_token] * len(videos))
+            return Media(features, *texts, original_sizes=sizes)
+        replacements = out["text_replacement_offsets"][0]
         return Media(
             features=features,
             image_texts=[r["replacement"] for r in replacements if r["type"] == "image"],
@@ -247,7 +252,14 @@ class MediaProcessor:
 
 
 # what the processor returns for the placeholder text it was given, not for the sample
-_TEXT_OUTPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+_TEXT_OUTPUTS = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "token_type_ids",
+    "cross_attention_mask",  # Mllama's: made from the sample's own ids (tuning.families.CrossAttentionMask)
+    "text_replacement_offsets",
+)
 
 
 def _name(ref: ImageRef | VideoRef) -> str:
