@@ -7,6 +7,8 @@ run leaves out (`pytest -m families` runs them)."""
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 
 import pytest
@@ -93,3 +95,42 @@ def test_the_colour_is_learned_from_the_pixels_and_survives_the_merge(kind, tmp_
     merge(adapter, merged)
     merged_answers = exact_match(Chat(*load_for_chat(str(merged)), settings=settings), test, "_colour")
     assert merged_answers.accuracy == learned.accuracy
+
+
+MODES = {"full": ["--fix_vit", "True"], "q-lora": ["--use_lora", "True", "--q_lora", "True"]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_full_fine_tuning_and_q_lora_take_steps(kind, mode, tmp_path):
+    """Full fine-tuning (the vision tower frozen, as the launcher's default) and Q-LoRA (4-bit nf4) train a family
+    on pictures: two finite logged losses and a saved result."""
+    out = tmp_path / "out"
+    data = [str(REPO / "data" / "example_llava.json"), str(REPO / "data" / "example_openai.jsonl")]
+    train(
+        [
+            "--model_name_or_path",
+            str(ensure_tiny(kind)),
+            "--data_path",
+            *data,
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "True",
+            "--dataset_cache_dir",
+            "none",
+            *mode,
+        ]
+    )
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert (out / ("adapter_model.safetensors" if "--use_lora" in mode else "model.safetensors")).is_file()

@@ -86,9 +86,7 @@ class MediaProcessor:
             if processor is not None
             else []
         )
-        names = getattr(processor, "model_input_names", None) or []
-        # the model input that marks picture tokens, where the model takes one
-        self.token_types_input = next((n for n in ("mm_token_type_ids", "token_type_ids") if n in names), None)
+        self.token_types_input = _token_types_input(processor)
 
     def token_types(self, ids: list[int]) -> list[int]:
         """1 for a picture's token, 2 for a video's, 0 for the rest (the processor's own mm_token_type_ids)."""
@@ -249,6 +247,17 @@ class MediaProcessor:
         patch, merge = getattr(self.image_processor, "patch_size", None), getattr(self.image_processor, "merge_size", 1)
         side = patch * merge if isinstance(patch, int) and isinstance(merge, int) else 32
         return self._run([Image.new("RGB", (side, side), (128, 128, 128))], [], [(side, side)])
+
+
+def _token_types_input(processor) -> str | None:
+    """The model input that marks picture tokens, where the model takes one: mm_token_type_ids (Qwen-VL, GLM-4V),
+    or token_type_ids where the processor adds it to what its tokenizer returns (Gemma 3: a picture's tokens attend
+    to each other both ways); a tokenizer's own token_type_ids are segment ids, never picture marks."""
+    names = getattr(processor, "model_input_names", None) or []
+    if "mm_token_type_ids" in names:
+        return "mm_token_type_ids"
+    tokenizer_names = getattr(getattr(processor, "tokenizer", None), "model_input_names", None) or []
+    return "token_type_ids" if "token_type_ids" in names and "token_type_ids" not in tokenizer_names else None
 
 
 # what the processor returns for the placeholder text it was given, not for the sample
