@@ -177,7 +177,8 @@ class Chat:
         inputs = self._inputs(messages)
         self._check_length(inputs["input_ids"].shape[1])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
-        stop = {self.tokenizer.eos_token, end_of_text(self.encoder.family, self.tokenizer)} - {None}
+        ends = {self.tokenizer.eos_token, end_of_text(self.encoder.family, self.tokenizer), *self._stop_tokens()}
+        stop = ends - {None}
         failure: list[BaseException] = []
 
         def run():
@@ -202,6 +203,13 @@ class Chat:
         thread.join()
         if failure:
             raise failure[0]
+
+    def _stop_tokens(self) -> list[str]:
+        """The tokens generation stops at (the generation config's: Gemma 3's <end_of_turn>, GLM's next-role tokens),
+        which end a reply and are never part of it."""
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return [self.tokenizer.convert_ids_to_tokens(i) for i in ids]
 
     def ask(self, text: str, images: list[Picture] | None = None, videos: list[str] | None = None) -> str:
         answer = ""
