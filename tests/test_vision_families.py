@@ -117,3 +117,12 @@ def test_packed_rows_train_as_padded_batches_or_packing_is_off(kind, pictures):
     assert padded_grads.keys() == packed_grads.keys()
     for name, grad in padded_grads.items():
         assert torch.allclose(grad, packed_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_a_reply_ends_at_every_token_generation_stops_at():
+    """Gemma 3 stops at <end_of_turn>, which is not its tokenizer's eos: the reply must not carry it (a Gemma 3 that
+    had learned the colour exercise scored 0/30 on 'red<end_of_turn>')."""
+    from tuning.chat import Chat, GenerationSettings, load_for_chat
+
+    chat = Chat(*load_for_chat(str(ensure_tiny("gemma3"))), settings=GenerationSettings(4))
+    assert chat.tokenizer.eos_token != "<end_of_turn>" and "<end_of_turn>" in chat._stop_tokens()
