@@ -5,7 +5,9 @@
 Writes train.json and test.json in Qwen-VL format with `Picture 1: <img>...</img>` (or with --format llava,
 LLaVA's `image` field and `<image>` placeholder: the same pictures and answers). Each picture gets
 two questions: the shape's colour (one word, chance 1/3) and where it is (a <ref>/<box> answer in
-[0,1000); the shape sits in one of four quadrants, chance 1/4).
+[0,1000), which training writes in the model's convention). The shape fills most of one of four corners:
+tuning.evaluate counts a box right when its label is the shape's and it overlaps the true box by IoU >= 0.5,
+which only a box in the right corner does (chance 1/4).
 """
 
 from __future__ import annotations

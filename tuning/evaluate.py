@@ -51,6 +51,28 @@ class HeldOut:
     expected: str
     labelled: bool  # the data labels its pictures "Picture N:" (Qwen-VL), so the question is asked that way
     videos: list[VideoRef] = field(default_factory=list)
+    # The user turn as the data writes it: text, pictures and videos in their order, the text unstripped. A model
+    # trained on "<picture>\nWhere is the shape?" answers that prompt without its newline differently (measured on
+    # the tiny Qwen2.5-VL's grounding exercise: 10/30 asked without it, 30/30 asked as trained).
+    parts: list = field(default_factory=list)
+
+    def message(self, pictures: list) -> dict:
+        """The user turn for the chat, with `pictures` in the places of the data's own."""
+        parts = self.parts or [*self.images, *self.videos, self.question]
+        if len(pictures) == len(self.images):
+            substitutes = iter(pictures)
+            parts = [next(substitutes) if isinstance(part, ImageRef) else part for part in parts]
+        else:  # another sample's pictures, not as many: they go first, as the chat places pictures
+            parts = [*pictures, *(part for part in parts if not isinstance(part, ImageRef))]
+        return {"role": "user", "content": [content_part(part) for part in parts]}
+
+
+def content_part(part) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if isinstance(part, VideoRef):
+        return {"type": "video", "video": part}
+    return {"type": "image", "image": part}  # an ImageRef or a picture in memory (a blank one)
 
 
 @dataclass
@@ -75,7 +97,7 @@ def single_turn_samples(path: str | Path, id_suffix: str | None = None) -> HeldO
             continue
         user, assistant = conv.messages
         found.samples.append(
-            HeldOut(user.text.strip(), user.images, assistant.text.strip(), conv.add_vision_id, user.videos)
+            HeldOut(user.text.strip(), user.images, assistant.text.strip(), conv.add_vision_id, user.videos, user.parts)
         )
     return found
 
@@ -110,16 +132,25 @@ def is_correct(chat: Chat, answer: str, expected: str, picture) -> bool:
     )
 
 
+def ask(chat: Chat, sample: HeldOut, pictures: list) -> str:
+    """The greedy answer to one held-out question, asked as the data writes it, with `pictures` as its pictures."""
+    chat.reset()
+    chat.add_vision_id = sample.labelled
+    answer = ""
+    for partial in chat.stream_reply([sample.message(pictures)]):
+        answer = partial
+    return answer.strip()
+
+
 def exact_match(chat: Chat, path: str | Path, id_suffix: str | None = None, picture: str = "real") -> Score:
-    """Each question asked as the data writes it: with "Picture N:" labels only where the data has them."""
+    """Each question asked as the data writes it: its text, pictures and videos in their order, with "Picture N:"
+    labels only where the data has them."""
     held_out = single_turn_samples(path, id_suffix)
     samples = held_out.samples
     images = pictures_for(picture, [s.images for s in samples])
     correct, examples = 0, []
     for sample, pictures in zip(samples, images, strict=True):
-        chat.reset()
-        chat.add_vision_id = sample.labelled
-        answer = chat.ask(sample.question, pictures or None, sample.videos or None).strip()
+        answer = ask(chat, sample, pictures)
         correct += is_correct(chat, answer, sample.expected, pictures[-1] if pictures else None)
         if len(examples) < 3:
             examples.append((sample.question, sample.expected, answer))
@@ -130,9 +161,7 @@ def draw_first_grounded(chat: Chat, path: str | Path, out: Path) -> str | None:
     """Ask the first grounding question of the data and draw the boxes of the answer on its picture."""
     for sample in single_turn_samples(path).samples:
         if grounding.has_grounding(sample.expected) and sample.images:
-            chat.reset()
-            chat.add_vision_id = sample.labelled
-            answer = chat.ask(sample.question, sample.images)
+            answer = ask(chat, sample, sample.images)
             boxes = chat.answer_boxes(answer, sample.images[-1])
             image = load_image(sample.images[-1])
             big = image.resize((image.width * 4, image.height * 4), Image.NEAREST)
