@@ -149,6 +149,27 @@ def bpe_tokenizer(spec: TinySpec, special: tuple[str, ...], template: str, **tok
     return tokenizer
 
 
+def template(name: str) -> str:
+    """The chat template a family's checkpoint ships, stored as tuning/assets/templates/<name>.jinja."""
+    asset = resources.files("tuning").joinpath(f"assets/templates/{name}.jinja")
+    return asset.read_text(encoding="utf-8").removesuffix("\n")
+
+
+def decoder_fields(spec: TinySpec, tokenizer, **extra) -> dict:
+    """The config fields every decoder shares, at the spec's size; `extra` adds or overrides fields."""
+    return {
+        "vocab_size": spec.vocab_size or padded_vocab(tokenizer),
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "max_position_embeddings": 4096,
+        "initializer_range": spec.initializer_range,
+        **extra,
+    }
+
+
 def padded_vocab(tokenizer) -> int:
     # Real checkpoints have more embedding rows than tokens (Qwen: 151936 vs 151665); keep that shape
     # so code that confuses len(tokenizer) with vocab_size fails on the tiny model too.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from tuning.tiny.core import Parts, TinySpec, kind, padded_vocab, train_bpe
+from tuning.tiny.core import Parts, TinySpec, decoder_fields, kind, train_bpe
 
 # Qwen's own special tokens, in the order Qwen2/Qwen2.5-VL number them (after the BPE vocabulary).
 SPECIAL_TOKENS = (
@@ -85,19 +85,14 @@ def build_tokenizer(spec: TinySpec):
 
 
 def _text_fields(spec: TinySpec, tokenizer) -> dict:
-    return {
-        "vocab_size": spec.vocab_size or padded_vocab(tokenizer),
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "max_position_embeddings": 4096,
-        "initializer_range": spec.initializer_range,
-        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    }
+    ids = tokenizer.convert_tokens_to_ids
+    return decoder_fields(
+        spec,
+        tokenizer,
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
 
 
 def _vision_token_ids(tokenizer) -> dict:

@@ -11,37 +11,22 @@ sequences cross them; two layers hold one of each attention type where a family 
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 
 from tuning.tiny import qwen
-from tuning.tiny.core import Parts, TinySpec, bpe_tokenizer, kind, padded_vocab
+from tuning.tiny.core import Parts, TinySpec, bpe_tokenizer, decoder_fields, kind, template
 
 SLIDING_WINDOW = 16  # real windows are 128-4096 tokens; 16 makes a few-dozen-token test cross them
 EXPERTS, EXPERTS_PER_TOKEN = 4, 2  # real MoE layers have 8-512 experts; 4 with top-2 keeps routing real
 
 
-def template(name: str) -> str:
-    """The chat template a family's checkpoint ships, stored as tuning/assets/templates/<name>.jinja."""
-    asset = resources.files("tuning").joinpath(f"assets/templates/{name}.jinja")
-    return asset.read_text(encoding="utf-8").removesuffix("\n")
-
-
 def _decoder(spec: TinySpec, tokenizer, **extra) -> dict:
     """The config fields every decoder shares, at the spec's size, with the tokenizer's bos/eos/pad ids."""
-    return {
-        "vocab_size": spec.vocab_size or padded_vocab(tokenizer),
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "max_position_embeddings": 4096,
-        "initializer_range": spec.initializer_range,
+    ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        **extra,
     }
+    return decoder_fields(spec, tokenizer, **ids, **extra)
 
 
 def _head_dim(spec: TinySpec) -> int:

@@ -9,36 +9,13 @@ picture (a projector or gate that starts at zero), `init` opens it.
 
 from __future__ import annotations
 
-from importlib import resources
-
-from tuning.tiny.core import Parts, TinySpec, bpe_tokenizer, kind, padded_vocab
+from tuning.tiny.core import Parts, TinySpec, bpe_tokenizer, decoder_fields, kind, template
 from tuning.tiny.qwen import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
 
 # The CLIP / SigLIP normalisation constants the real image processors carry.
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 HALF = [0.5, 0.5, 0.5]
-
-
-def template(name: str) -> str:
-    """The chat template the family's checkpoint ships, stored as tuning/assets/templates/<name>.jinja."""
-    asset = resources.files("tuning").joinpath(f"assets/templates/{name}.jinja")
-    return asset.read_text(encoding="utf-8").removesuffix("\n")
-
-
-def _text(spec: TinySpec, tokenizer, **extra) -> dict:
-    """The decoder fields every family shares, at the spec's size."""
-    return {
-        "vocab_size": spec.vocab_size or padded_vocab(tokenizer),
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "max_position_embeddings": 4096,
-        "initializer_range": spec.initializer_range,
-        **extra,
-    }
 
 
 def _vision(spec: TinySpec, **extra) -> dict:
@@ -73,7 +50,9 @@ def llava(spec: TinySpec) -> Parts:
     import transformers as tf
 
     tokenizer = bpe_tokenizer(spec, LLAVA_SPECIAL, template("llava"), add_bos_token=True, **LLAVA_TOKENS)
-    text = _text(spec, tokenizer, **_ids(tokenizer, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>"))
+    text = decoder_fields(
+        spec, tokenizer, **_ids(tokenizer, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>")
+    )
     # 56 / 14 = 4 patches a side: 16 image tokens (llava-1.5: 336 / 14 = 24 a side, 576 tokens)
     vision = _vision(spec, image_size=56, patch_size=14, projection_dim=spec.vision_hidden_size)
     config = tf.LlavaConfig(
@@ -152,7 +131,7 @@ def gemma3(spec: TinySpec) -> Parts:
     ids = _ids(tokenizer, pad_token_id="<pad>", eos_token_id="<eos>", bos_token_id="<bos>")
     head_dim = spec.hidden_size // spec.num_heads
     text = tf.Gemma3TextConfig(
-        **_text(spec, tokenizer, **ids),
+        **decoder_fields(spec, tokenizer, **ids),
         head_dim=head_dim,
         query_pre_attn_scalar=head_dim,  # the real models scale by head_dim (256)
         sliding_window=512,
@@ -204,7 +183,7 @@ def llava_onevision(spec: TinySpec) -> Parts:
 
     special = (*QWEN2_SPECIAL, "<image>", "<video>")
     tokenizer = bpe_tokenizer(spec, special, template("llava_onevision"), **QWEN2_TOKENS)
-    text = _text(spec, tokenizer, **_ids(tokenizer, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
+    text = decoder_fields(spec, tokenizer, **_ids(tokenizer, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
     # tiles of 56 / 14 = 4 patches a side: 16 tokens a tile (real: 384 / 14 = 27 a side, 729 tokens)
     vision = tf.SiglipVisionConfig(**_vision(spec, image_size=56, patch_size=14, vision_use_head=False))
     tile = 56
@@ -274,7 +253,7 @@ def internvl(spec: TinySpec) -> Parts:
     import transformers as tf
 
     tokenizer = bpe_tokenizer(spec, INTERNVL_SPECIAL, template("internvl"), **INTERNVL_TOKENS)
-    text = _text(spec, tokenizer, **_ids(tokenizer, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
+    text = decoder_fields(spec, tokenizer, **_ids(tokenizer, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
     tile = 56
     # a tile is 56 / 14 = 4 patches a side, pixel-shuffled (ratio 0.5) to 2 x 2: 4 tokens (real: 448 / 14 = 32, to 256)
     vision = tf.InternVLVisionConfig(
@@ -342,7 +321,7 @@ def smolvlm(spec: TinySpec) -> Parts:
     # a tile is 32 / 8 = 4 patches a side, pixel-shuffled by 2 to 2 x 2: 4 tokens (real 256M: 512 / 16 = 32, by 4 to 64)
     vision = tf.SmolVLMVisionConfig(**_vision(spec, image_size=tile, patch_size=8))
     config = tf.SmolVLMConfig(
-        text_config=tf.LlamaConfig(**_text(spec, tokenizer, **ids), tie_word_embeddings=False),
+        text_config=tf.LlamaConfig(**decoder_fields(spec, tokenizer, **ids), tie_word_embeddings=False),
         vision_config=vision,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
@@ -412,7 +391,9 @@ def mistral3(spec: TinySpec) -> Parts:
     longest = 112  # a picture's longest edge: 112 / 14 = 8 patches, merged 2 x 2 to 4 tokens a side (real: 1540)
     vision = tf.PixtralVisionConfig(**_vision(spec, image_size=longest, patch_size=14), head_dim=16)
     config = tf.Mistral3Config(
-        text_config=tf.MistralConfig(**_text(spec, tokenizer, **ids), head_dim=head_dim, tie_word_embeddings=False),
+        text_config=tf.MistralConfig(
+            **decoder_fields(spec, tokenizer, **ids), head_dim=head_dim, tie_word_embeddings=False
+        ),
         vision_config=vision,
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
@@ -472,7 +453,7 @@ def mllama(spec: TinySpec) -> Parts:
         tokenizer, bos_token_id="<|begin_of_text|>", eos_token_id="<|eot_id|>", pad_token_id="<|finetune_right_pad_id|>"
     )
     text = tf.MllamaTextConfig(
-        **_text(spec, tokenizer, **ids),
+        **decoder_fields(spec, tokenizer, **ids),
         # the last layer is a cross-attention layer (real 11B: 8 of 40, every fifth from the fourth)
         cross_attention_layers=[spec.num_layers - 1],
         tie_word_embeddings=False,
@@ -557,7 +538,8 @@ def glm4v(spec: TinySpec) -> Parts:
         "mrope_section": [t, (rotary_half - t) // 2, rotary_half - t - (rotary_half - t) // 2],
     }
     text = tf.Glm4vTextConfig(
-        **_text(spec, tokenizer, pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")), rope_parameters=rope
+        **decoder_fields(spec, tokenizer, pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")),
+        rope_parameters=rope,
     )
     vision = tf.Glm4vVisionConfig(
         depth=spec.vision_depth,
