@@ -7,14 +7,13 @@ run leaves out (`pytest -m families` runs them)."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 
 import pytest
 
 from finetune import train
-from tests.conftest import PYTHON, REPO
+from tests.conftest import REPO
+from tests.test_learning import generate, losses
 from tuning.chat import Chat, GenerationSettings, load_for_chat
 from tuning.evaluate import exact_match
 from tuning.merge import merge
@@ -26,15 +25,6 @@ OTHERS = ("gemma3", "smolvlm", "llava-onevision", "internvl", "mistral3", "glm4v
 KINDS = [pytest.param(k, marks=pytest.mark.slow) for k in IN_CI] + [
     pytest.param(k, marks=[pytest.mark.slow, pytest.mark.families]) for k in OTHERS
 ]
-
-
-def shapes(folder) -> None:
-    subprocess.run(
-        [PYTHON, "data/make_shapes.py", "--out", str(folder), "--format", "llava"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
 
 
 def train_lora(model, data, adapter) -> None:
@@ -74,7 +64,7 @@ def train_lora(model, data, adapter) -> None:
 def test_the_colour_is_learned_from_the_pixels_and_survives_the_merge(kind, tmp_path):
     model = ensure_tiny(kind)
     folder = tmp_path / "shapes"
-    shapes(folder)
+    generate("make_shapes.py", folder, "--format", "llava")
     test = folder / "test.json"
     settings = GenerationSettings(8)
     base = exact_match(Chat(*load_for_chat(str(model)), settings=settings), test, "_colour")
@@ -130,7 +120,6 @@ def test_full_fine_tuning_and_q_lora_take_steps(kind, mode, tmp_path):
             *mode,
         ]
     )
-    state = json.loads((out / "trainer_state.json").read_text())
-    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    logged = losses(out)
+    assert len(logged) == 2 and all(math.isfinite(loss) for loss in logged)
     assert (out / ("adapter_model.safetensors" if "--use_lora" in mode else "model.safetensors")).is_file()
