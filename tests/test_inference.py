@@ -37,6 +37,26 @@ def test_a_chat_prompt_is_the_trained_context_of_the_answer(vl_chat, vl_processi
     assert torch.equal(inputs["image_grid_thw"], sample.image_grid_thw)
 
 
+def test_a_chat_asks_as_qwen_vl_data_writes_its_pictures(vl_chat, vl_processing, tmp_path):
+    """Qwen-VL data writes "Picture 1: <img>..</img>\\n" before the question (as Qwen-VL's own from_list_format
+    does); a chat that labels its pictures asks with the same newline after each one, token for token."""
+    picture(tmp_path / "a.png", "blue", (120, 90))
+    picture(tmp_path / "b.png", "red", (90, 120))
+    question = "Picture 1: <img>a.png</img>\nPicture 2: <img>b.png</img>\nWhich one is red?"
+    record = {"id": "q", "conversations": [{"from": "user", "value": question}, {"from": "assistant", "value": "2"}]}
+    [conv] = conversations(write_json(tmp_path / "d.json", [record]))
+    [sample] = encoder_for(vl_processing).encode(conv)
+    answer_start = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+
+    vl_chat.add_vision_id = True
+    try:
+        message = vl_chat.user_message("Which one is red?", [tmp_path / "a.png", tmp_path / "b.png"])
+        inputs = vl_chat._inputs([message])
+    finally:
+        vl_chat.add_vision_id = False
+    assert inputs["input_ids"][0].tolist() == sample.input_ids[:answer_start]
+
+
 def test_grounding_in_a_question_is_written_in_the_models_convention(vl_chat, tmp_path):
     picture(tmp_path / "p.png", "red", (112, 84))
     inputs = vl_chat._inputs([vl_chat.user_message("Where is <ref>the red</ref>?", [tmp_path / "p.png"])])

@@ -126,3 +126,18 @@ def test_a_reply_ends_at_every_token_generation_stops_at():
 
     chat = Chat(*load_for_chat(str(ensure_tiny("gemma3"))), settings=GenerationSettings(4))
     assert chat.tokenizer.eos_token != "<end_of_turn>" and "<end_of_turn>" in chat._stop_tokens()
+
+
+@pytest.mark.parametrize("kind", SERVED)
+def test_the_web_demo_answers_a_picture_as_the_chat_command_does(kind, pictures):
+    """gradio's history (an upload, then the question) reaches the model as the chat command's own message: the
+    same greedy reply, no warning in its place."""
+    from tuning.chat import Chat, GenerationSettings, load_for_chat
+    from tuning.demo import DemoModel
+
+    red = pictures[1][0]
+    chat = Chat(*load_for_chat(str(ensure_tiny(kind))), settings=GenerationSettings(6))
+    history = [{"role": "user", "content": {"path": str(red)}}, {"role": "user", "content": "What colour is it?"}]
+    *_, (shown, raw) = DemoModel(chat).respond(history, [], "", 6, 0.0, 1.0)
+    assert not shown[-1]["content"].startswith("⚠️"), shown[-1]["content"]
+    assert raw == [chat.ask("What colour is it?", [red])] and raw[0]

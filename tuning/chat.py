@@ -160,7 +160,25 @@ class Chat:
             return {"role": "user", "content": text}
         media = [{"type": "image", "image": img} for img in images or []]
         media += [{"type": "video", "video": path} for path in videos or []]
-        return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
+        return self.as_labelled_data({"role": "user", "content": [*media, {"type": "text", "text": text}]})
+
+    def as_labelled_data(self, message: dict) -> dict:
+        """A user message laid out as Qwen-VL data writes it when pictures are labelled: each picture or video ends
+        its line ("Picture 1: <img>..</img>\\n", as Qwen-VL's from_list_format writes it), so a model tuned on
+        that data is asked with the same newlines. Unlabelled, the parts are left as they are."""
+        content = message["content"]
+        if not self.add_vision_id or isinstance(content, str):
+            return message
+        laid_out: list[dict] = []
+        for part in [*content, None]:
+            if laid_out and laid_out[-1]["type"] in ("image", "video"):
+                if part is not None and part["type"] == "text":
+                    part = {**part, "text": part["text"] if part["text"].startswith("\n") else "\n" + part["text"]}
+                else:
+                    laid_out.append({"type": "text", "text": "\n"})
+            if part is not None:
+                laid_out.append(part)
+        return {**message, "content": laid_out}
 
     def stream(self, text: str, images: list[Picture] | None = None, videos: list[str] | None = None):
         """Yield the answer as it grows; the exchange joins the history when it is complete."""

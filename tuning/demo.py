@@ -125,7 +125,8 @@ class DemoModel:
     def reply(self, messages: list[dict], settings: GenerationSettings, system: str) -> Iterator[str]:
         # a Chat of its own per request: requests served at once must not share settings or system prompt
         chat = replace(self.chat, settings=settings, system=(system or "").strip() or None, messages=[])
-        yield from chat.stream_reply(messages)  # pictures by path: loaded as training loads them
+        asked = [chat.as_labelled_data(m) if m["role"] == "user" else m for m in messages]  # as the chat asks
+        yield from chat.stream_reply(asked)  # pictures by path: loaded as training loads them
 
     def respond(self, history: list, raw: list, system: str, max_new_tokens: int, temperature: float, top_p: float):
         """Stream the answer to the last user turn into the history; any failure becomes a message in the chat,
