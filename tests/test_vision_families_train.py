@@ -27,7 +27,13 @@ KINDS = [pytest.param(k, marks=pytest.mark.slow) for k in IN_CI] + [
 ]
 
 
-def train_lora(model, data, adapter) -> None:
+# (epochs, learning rate) where the shared 2 at 3e-3 is not what the family needs. Mistral 3 (its template's
+# ~350-token default system prompt before a 2 x 2-token picture): 2 epochs at 3e-3 gave 24/30, 3 or 4 collapsed to
+# one colour (7/30 and 11/30, with or without pictures); 3 at 2e-3 gives 30/30 for seeds 1, 2 and 42.
+SCHEDULE = {"mistral3": ("3", "2e-3")}
+
+
+def train_lora(model, data, adapter, epochs: str = "2", learning_rate: str = "3e-3") -> None:
     train(
         [
             "--model_name_or_path",
@@ -37,7 +43,7 @@ def train_lora(model, data, adapter) -> None:
             "--output_dir",
             str(adapter),
             "--num_train_epochs",
-            "2",
+            epochs,
             "--per_device_train_batch_size",
             "2",
             "--use_lora",
@@ -47,7 +53,7 @@ def train_lora(model, data, adapter) -> None:
             "--lora_alpha",
             "32",
             "--learning_rate",
-            "3e-3",
+            learning_rate,
             "--save_strategy",
             "no",
             "--disable_tqdm",
@@ -69,7 +75,7 @@ def test_the_colour_is_learned_from_the_pixels_and_survives_the_merge(kind, tmp_
     settings = GenerationSettings(8)
     base = exact_match(Chat(*load_for_chat(str(model)), settings=settings), test, "_colour")
     adapter = tmp_path / "lora"
-    train_lora(model, folder / "train.json", adapter)
+    train_lora(model, folder / "train.json", adapter, *SCHEDULE.get(kind, ()))
     tuned = Chat(*load_for_chat(str(model), str(adapter)), settings=settings)
     learned = exact_match(tuned, test, "_colour")
     blank = exact_match(tuned, test, "_colour", picture="blank")
