@@ -4,10 +4,13 @@ rows equal padded batches where the family packs, and a family that cannot be se
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from tests.conftest import PYTHON, REPO, run_env
 from tests.helpers import loss_and_gradients, picture, write_jsonl
 from tuning.attention import attend_per_sample
 from tuning.data.collate import FlatteningCollator, PaddingCollator
@@ -55,10 +58,10 @@ def pictures(tmp_path_factory):
     return write_jsonl(folder / "chats.jsonl", lines), (red, blue, green)
 
 
-def encoded(kind: str, data) -> tuple[Encoder, list[dict]]:
+def encoded(kind: str, data, media: MediaOptions | None = None) -> tuple[Encoder, list[dict]]:
     """Every sample of `data` encoded for the kind's tiny model as a run encodes it, its pixels computed."""
     folder = ensure_tiny(kind)
-    processing = prepare_processing(load_processing(str(folder)), media=MediaOptions())
+    processing = prepare_processing(load_processing(str(folder)), media=media or MediaOptions())
     encoder = Encoder(processing.tokenizer, processing.processor, family=processing.family)
     dataset, _ = build_dataset([str(data)], encoder, show_progress=False)
     return encoder, [dataset[i] for i in range(len(dataset))]
@@ -141,3 +144,57 @@ def test_the_web_demo_answers_a_picture_as_the_chat_command_does(kind, pictures)
     *_, (shown, raw) = DemoModel(chat).respond(history, [], "", 6, 0.0, 1.0)
     assert not shown[-1]["content"].startswith("⚠️"), shown[-1]["content"]
     assert raw == [chat.ask("What colour is it?", [red])] and raw[0]
+
+
+# How many tiles a 1200 x 300 picture becomes: the model's own setting, --image_max_tiles 1, and --image_max_tiles N
+# (the tiny builds tile at most 4 x 1). InternVL: 4 patches and a thumbnail; 2 and the thumbnail with N = 2. SmolVLM:
+# 3 tiles and the whole picture; with N = 4, a grid of 2 x 2 at most: 2 x 1 and the whole. Gemma 3 pans and scans
+# only when asked: the whole picture and 2 crops with N = 2, as its own processor does.
+TILES = {"internvl": (2, (5, 1, 3)), "smolvlm": (4, (4, 1, 3)), "gemma3": (2, (1, 1, 3))}
+
+
+def tiles_of(kind: str, feature: dict) -> int:
+    pixel_values = feature["pixel_values"]
+    if kind == "smolvlm":  # (pictures, tiles, ...)
+        return pixel_values.shape[-4]
+    return pixel_values.shape[0]
+
+
+@pytest.mark.parametrize("kind", sorted(TILES))
+def test_image_max_tiles_bounds_the_tiles_of_a_picture_in_the_familys_own_terms(kind, tmp_path):
+    wide = picture(tmp_path / "wide.png", "red", (1200, 300))
+    record = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": "Red."},
+        ],
+        "images": [str(wide)],
+    }
+    data = write_jsonl(tmp_path / "wide.jsonl", [record])
+    most, expected = TILES[kind]
+    counts = tuple(tiles_of(kind, encoded(kind, data, MediaOptions(image_max_tiles=n))[1][0]) for n in (None, 1, most))
+    assert counts == expected
+    encoder, [feature] = encoded(kind, data, MediaOptions(image_max_tiles=most))
+    batch = PaddingCollator(
+        encoder.tokenizer.pad_token_id or 0,
+        token_types=encoder.media.token_types_input,
+        rows_per_sample=encoder.family.media_rows_per_sample,
+    )([feature])
+    with torch.no_grad():  # the tiles' features still fit the picture's tokens (the model checks the count)
+        assert torch.isfinite(tiny_model(kind)(**batch).loss)
+
+
+def test_image_max_tiles_is_refused_where_a_family_does_not_tile_or_cannot_take_more(tmp_path):
+    refusals = {
+        "vl": "does not split pictures into tiles",
+        "llava-onevision": "grid pinpoints",
+        "mllama": "tiles are the model's own",
+    }
+    for kind, reason in refusals.items():
+        run = subprocess.run(
+            [PYTHON, "finetune.py", "--model_name_or_path", str(ensure_tiny(kind)), "--data_path",
+             "data/example_llava.json", "--output_dir", str(tmp_path / kind), "--image_max_tiles", "2"],
+            cwd=REPO, env=run_env(), capture_output=True, text=True,
+        )  # fmt: skip
+        assert run.returncode != 0 and reason in run.stderr, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr and not (tmp_path / kind).exists()

@@ -63,7 +63,7 @@ def load_for_chat(
     require_support(family)  # before any weight is read: a vision family without a record is refused by name
     if processor is not None:
         options = media or MediaOptions.saved_in(adapter, model_path) or MediaOptions()
-        configure(processor, options, family.resolution)
+        configure(processor, options, family.resolution, family.tiles)
     model = load_model(LoadOptions(model_path, q_lora=bits == 4, load_in_8bit=bits == 8))
     resize_for_tokenizer(model, tokenizer)  # the rows of tokens added in training (the adapter holds them)
     if adapter:

@@ -91,6 +91,9 @@ class Family:
     # "pixel-budget" (its size holds pixel counts), "longest-edge" (its size holds the longest edge in pixels: the
     # square root of the budget); None: the processor's own fixed size or tiles, left as they are
     resolution: str | None = None
+    # how the processor splits a picture into tiles, which --image_max_tiles bounds (tuning/data/media/resolution.py:
+    # "max-patches", "splitting", "pan"; refused with the reason: "grid-pinpoints", "model-tiles"); None: no tiles
+    tiles: str | None = None
     # the processor's picture features have one row per sample (Idefics3's tiles, Mllama's pictures x tiles): a
     # batch holds a row for every sample, empty (zeros, which the model drops or masks) for one without pictures
     media_rows_per_sample: bool = False
@@ -153,14 +156,15 @@ FAMILIES = (
     ),
     Family("LLaVA-1.5", ("llava",), **_TOWER_AND_PROJECTOR),
     # anyres: each picture becomes its tiles' patches (padded per batch, trimmed by image_sizes in the model)
-    Family("LLaVA-NeXT", ("llava_next",), **_TOWER_AND_PROJECTOR),
-    Family("LLaVA-OneVision", ("llava_onevision",), **_TOWER_AND_PROJECTOR),
-    Family("InternVL", ("internvl",), grounding=INTERNVL_TAGS, **_TOWER_AND_PROJECTOR),
+    Family("LLaVA-NeXT", ("llava_next",), **_TOWER_AND_PROJECTOR, tiles="grid-pinpoints"),
+    Family("LLaVA-OneVision", ("llava_onevision",), **_TOWER_AND_PROJECTOR, tiles="grid-pinpoints"),
+    Family("InternVL", ("internvl",), grounding=INTERNVL_TAGS, **_TOWER_AND_PROJECTOR, tiles="max-patches"),
     Family("Mistral 3 (Pixtral tower)", ("mistral3",), **_TOWER_AND_PROJECTOR, resolution="longest-edge"),
     Family(
         "Gemma 3",
         ("gemma3",),
         **_TOWER_AND_PROJECTOR,
+        tiles="pan",
         packs_exactly=False,
         why_not_packed="the tokens of a picture attend to each other both ways (token_type_ids), which the "
         "per-sample causal attention of a packed row does not do",
@@ -173,6 +177,7 @@ FAMILIES = (
         projectors=("connector",),
         media="pictures",
         resolution="longest-edge",
+        tiles="splitting",
         media_rows_per_sample=True,
     ),
     Family(
@@ -182,6 +187,7 @@ FAMILIES = (
         vision_towers=("vision_model",),
         projectors=("multi_modal_projector",),
         media="pictures",
+        tiles="model-tiles",
         media_rows_per_sample=True,
         cross_attention=True,
         packs_exactly=False,

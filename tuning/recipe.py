@@ -42,6 +42,7 @@ from tuning.data.dataset import (
 )
 from tuning.data.encode import Encoder
 from tuning.data.errors import DataError, DataErrors
+from tuning.data.media.resolution import tiles_problem
 from tuning.data.processing import Processing, load_processing
 from tuning.families import (
     GATED_MLP,
@@ -160,6 +161,8 @@ def _settle_for_model(values: dict, config) -> list[str]:
         require_support(family)
     except UnsupportedFamily as e:
         raise SystemExit(f"{PROG}: {e}") from None
+    if values.get("image_max_tiles") is not None and (problem := tiles_problem(family.tiles, family.name)):
+        raise SystemExit(f"{PROG}: {problem}")
     changes = []
     attention, why = supported_attention(config, values.get("attn_implementation"))
     if why:

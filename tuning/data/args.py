@@ -135,6 +135,14 @@ class DataArguments:
     image_min_pixels: str | None = field(
         default=None, metadata={"help": "Smallest picture, in pixels: smaller ones are enlarged. Default: the model's."}
     )
+    image_max_tiles: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most tiles (crops) one picture is split into, for families that tile: InternVL's max_patches, "
+            "Idefics3/SmolVLM's splitting (1: off), Gemma 3's pan and scan "
+            "(off by default; N > 1 turns it on). Default: the model's own. Saved with the output."
+        },
+    )
     video_max_pixels: str = field(
         default=str(DEFAULT_VIDEO_MAX_PIXELS),
         metadata={"help": "Largest video frame, in pixels (default 256*256); 'model' keeps the model's own."},
@@ -176,6 +184,8 @@ class DataArguments:
             found.append(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}")
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
             found.append(f"--preprocessing_num_workers must be at least 1, got {self.preprocessing_num_workers}")
+        if self.image_max_tiles is not None and self.image_max_tiles < 1:
+            found.append(f"--image_max_tiles must be at least 1, got {self.image_max_tiles}")
         if self.video_fps <= 0 or self.video_maxlen < 1:
             found.append("--video_fps and --video_maxlen must be positive")
         return found
@@ -197,6 +207,7 @@ class DataArguments:
             video_min_pixels=pixels(self.video_min_pixels),
             video_fps=self.video_fps,
             video_maxlen=self.video_maxlen,
+            image_max_tiles=self.image_max_tiles,
         )
 
     def template_kwargs(self) -> dict:

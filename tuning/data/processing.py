@@ -85,7 +85,7 @@ def prepare_processing(
         if processor is not None:
             processor.chat_template = template
     if processor is not None and media is not None:
-        configure(processor, media, family.resolution)
+        configure(processor, media, family.resolution, family.tiles)
     style = grounding_style(family, tokenizer.get_vocab(), grounding_format)
     added = []
     if style.added and uses_grounding:

@@ -29,6 +29,7 @@ class MediaOptions:
     video_min_pixels: int | None = DEFAULT_VIDEO_MIN_PIXELS
     video_fps: float = 2.0
     video_maxlen: int = 128
+    image_max_tiles: int | None = None  # the most tiles (crops) a picture is split into; None: the model's own
 
     def save(self, folder: str | Path) -> None:
         Path(folder, SAVED_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -61,17 +62,46 @@ def pixels(value: str | int | None) -> int | None:
 
 
 PIXEL_BUDGET, LONGEST_EDGE = "pixel-budget", "longest-edge"  # what a family's processor size holds
+# How a family's processor splits a picture into tiles, which --image_max_tiles bounds: InternVL's max_patches,
+# Idefics3's image splitting (a grid of k x k tiles at most), Gemma 3's pan and scan (off unless asked, as in
+# Gemma 3's own processor). The others' tiles are the model's too: LLaVA-NeXT and OneVision tile by grid
+# pinpoints that the model's config also holds, and Llama 3.2 Vision's tile embeddings and aspect-ratio ids are
+# made for its max_num_tiles (a processor with fewer numbers the aspect ratios differently: wrong ids, silently).
+MAX_PATCHES, IMAGE_SPLITTING, PAN_AND_SCAN = "max-patches", "splitting", "pan"
+GRID_PINPOINTS, MODEL_TILES = "grid-pinpoints", "model-tiles"
+SETTABLE_TILES = (MAX_PATCHES, IMAGE_SPLITTING, PAN_AND_SCAN)
 
 
-def configure(processor, options: MediaOptions, resolution: str | None = PIXEL_BUDGET) -> None:
+def tiles_problem(tiles: str | None, family_name: str) -> str | None:
+    """Why --image_max_tiles cannot be set for a family, with the fix; None when it can."""
+    if tiles in SETTABLE_TILES:
+        return None
+    if tiles == GRID_PINPOINTS:
+        return (
+            f"--image_max_tiles: {family_name} tiles by the grid pinpoints that its config.json and its "
+            "preprocessor_config.json both hold (image_grid_pinpoints); edit them together in a copy of the model"
+        )
+    if tiles == MODEL_TILES:
+        return (
+            f"--image_max_tiles: {family_name}'s tiles are the model's own (its tile embeddings and aspect-ratio ids "
+            "are made for its max_num_tiles); leave the flag out"
+        )
+    return f"--image_max_tiles: {family_name} does not split pictures into tiles; bound them with --image_max_pixels"
+
+
+def configure(
+    processor, options: MediaOptions, resolution: str | None = PIXEL_BUDGET, tiles: str | None = None
+) -> None:
     """Put the options on the processor's image and video processors (their saved configs carry them), in the
-    terms of the family's processor (`resolution`, tuning.families): pixel counts, the longest edge, or none (a
-    fixed size or tiles of its own: the processor's settings stay as they are)."""
+    terms of the family's processor (`resolution` and `tiles`, tuning.families): pixel counts, the longest edge, or
+    none (a fixed size of its own: the processor's settings stay as they are), and the most tiles a picture makes."""
     image = getattr(processor, "image_processor", None)
     if image is not None and resolution == PIXEL_BUDGET:
         _set_size(image, options.image_max_pixels, options.image_min_pixels, cap_at_model=True)
     elif image is not None and resolution == LONGEST_EDGE and options.image_max_pixels:
         _set_longest_edge(image, options.image_max_pixels)
+    if image is not None and options.image_max_tiles is not None:
+        _set_tiles(processor, tiles, options.image_max_tiles)
     video = getattr(processor, "video_processor", None)
     if video is not None:
         if resolution == PIXEL_BUDGET:
@@ -102,6 +132,29 @@ def _set_longest_edge(image_processor, max_pixels: int) -> None:
     if size.get("longest_edge"):
         size["longest_edge"] = min(edge, size["longest_edge"])
         image_processor.size = size
+
+
+def _set_tiles(processor, tiles: str | None, most: int) -> None:
+    image_processor = processor.image_processor
+    if tiles not in SETTABLE_TILES:
+        raise ValueError(tiles_problem(tiles, "this model"))
+    if most < 1:
+        raise ValueError(f"--image_max_tiles must be at least 1, got {most}")
+    if tiles == MAX_PATCHES:
+        image_processor.max_patches = most
+        image_processor.min_patches = min(image_processor.min_patches, most)
+    elif tiles == IMAGE_SPLITTING:
+        image_processor.do_image_splitting = most > 1
+        if most > 1:  # the picture is cut into ceil(side / tile) tiles a side: k x k at most, k = isqrt(most)
+            tile = image_processor.max_image_size["longest_edge"]
+            edge = min(image_processor.size["longest_edge"], tile * math.isqrt(most))
+            image_processor.size = {**image_processor.size, "longest_edge": edge}
+    else:
+        pan = {"do_pan_and_scan": most > 1, **({"pan_and_scan_max_num_crops": most} if most > 1 else {})}
+        for key, value in pan.items():
+            setattr(image_processor, key, value)
+        # Gemma 3's processor passes its own defaults (pan and scan off) over the image processor's settings
+        processor.images_kwargs = {**getattr(processor, "images_kwargs", {}), **pan}
 
 
 def tokens_per_picture(processor, width: int, height: int) -> int:
