@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from tests.conftest import PYTHON, REPO, run_env
-from tests.helpers import loss_and_gradients, picture, write_jsonl
+from tests.helpers import loss_and_gradients, picture, write_json, write_jsonl
 from tuning.attention import attend_per_sample
 from tuning.data.collate import FlatteningCollator, PaddingCollator
 from tuning.data.dataset import build_dataset
@@ -198,3 +198,45 @@ def test_image_max_tiles_is_refused_where_a_family_does_not_tile_or_cannot_take_
         )  # fmt: skip
         assert run.returncode != 0 and reason in run.stderr, run.stderr[-2000:]
         assert "Traceback" not in run.stderr and not (tmp_path / kind).exists()
+
+
+def test_llava_next_answers_end_at_the_eos_its_hub_template_misspells(pictures, caplog):
+    """llava-v1.6-mistral-7b-hf's template closes each answer with the text '<\\s>' (for '</s>'): the answers train up
+    to the end-of-sequence token, where generation stops, as LLaVA's own training ended them."""
+    from tuning.data.encode import IGNORE_INDEX
+
+    assert "'<\\s> '" in (ensure_tiny("llava-next") / "chat_template.jinja").read_text()
+    with caplog.at_level("INFO"):
+        encoder, features = encoded("llava-next", pictures[0])
+    assert "a typo of '</s> '" in caplog.text
+    for feature in features:
+        answer = [t for t, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != IGNORE_INDEX]
+        text = encoder.tokenizer.decode(answer)
+        assert text.endswith("</s>") and "<\\s>" not in text, text
+
+
+def test_llava_next_multi_turn_answers_train_whole_where_context_tokens_span_turns(tmp_path):
+    """After '</s>' the template writes ' ' and then '[INST]' (plain text in Mistral's vocabulary), which the tokenizer
+    may join: both are context, so the conversation trains, each answer whole, and a sample cut after a turn stops
+    before the joined token."""
+    from tuning.data.encode import IGNORE_INDEX
+
+    record = {
+        "id": "two-turns",
+        "image": str(picture(tmp_path / "p.png", "red", (60, 40))),
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A red picture."},
+            {"from": "human", "value": "What is it we see?"},
+            {"from": "gpt", "value": "Red."},
+        ],
+    }
+    encoder, features = encoded("llava-next", write_json(tmp_path / "d.json", [record]))
+    runs = []
+    for feature in features:
+        ids, labels = feature["input_ids"], feature["labels"]
+        starts = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == -100)]
+        for start in starts:
+            end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+            runs.append(encoder.tokenizer.decode(ids[start:end]).strip())
+    assert runs == ["A red picture.</s>", "Red.</s>"], runs

@@ -284,12 +284,21 @@ class Encoder:
     def _template_reads_strings(self) -> bool:
         """Whether the chat template renders a message whose content is a string (Qwen3's reads only strings;
         llava-hf's LLaVA and SmolVLM templates only lists of parts, and iterate a string's characters)."""
-        probe = [{"role": "user", "content": "Probe question"}, {"role": "assistant", "content": "Probe answer"}]
+        return self._renders_probe(as_parts=False) or not self._renders_probe(as_parts=True)
+
+    def _renders_probe(self, as_parts: bool) -> bool:
+        """Whether the template renders a probe exchange with its text, the content as a string or as parts
+        (llava-hf's LLaVA-NeXT template reads `content[0]['text']` and fails on a string)."""
+        texts = {"user": "Probe question", "assistant": "Probe answer"}
+        probe = [
+            {"role": role, "content": [{"type": "text", "text": text}] if as_parts else text}
+            for role, text in texts.items()
+        ]
         try:
-            text = self.template.render(probe)
+            rendered = self.template.render(probe)
         except TemplateError:
-            return True
-        return "Probe question" in text and "Probe answer" in text
+            return False
+        return all(text in rendered for text in texts.values())
 
     def _box_text(self, box: BoxRef, original: list, resized: list) -> str:
         """An ms-swift box as our [0,1000) <box> text, normalised by the size of the image it refers to."""
@@ -357,16 +366,21 @@ class Encoder:
         bounds = np.asarray(starts, dtype=np.int64)
         last = len(rendered.segments) - 1
         segment_of_token = np.minimum(np.searchsorted(bounds, offsets[:, 0], side="right") - 1, last)
-        straddling = np.flatnonzero(offsets[:, 1] > bounds[segment_of_token + 1])
-        if len(straddling):
-            raise self._straddle(conv, rendered, texts, int(segment_of_token[straddling[0]]))
-        supervised = np.asarray([s.supervised for s in rendered.segments])[segment_of_token]
+        straddles = offsets[:, 1] > bounds[segment_of_token + 1]
+        # A token may span two segments that are both context (LLaVA-NeXT's ' ' after '</s>' and the next '[INST]'),
+        # never a trained one's edge: its label would be half right.
+        trained = np.asarray([s.supervised for s in rendered.segments] + [False])
+        wrong = np.flatnonzero(straddles & (trained[segment_of_token] | trained[segment_of_token + 1]))
+        if len(wrong):
+            raise self._straddle(conv, rendered, texts, int(segment_of_token[wrong[0]]))
+        supervised = trained[segment_of_token]
         labels = np.where(supervised, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
         pictures = list(itertools.accumulate(_count(s.text, self.image_token) for s in rendered.segments))
         videos = list(itertools.accumulate(_count(s.text, self.video_token) for s in rendered.segments))
         ends = _turn_ends(rendered.segments)
-        after = np.searchsorted(segment_of_token, ends, side="right").tolist()  # token index after each turn end
-        cuts = [(cut, pictures[i], videos[i]) for cut, i in zip(after, ends, strict=True)]
+        after = np.searchsorted(segment_of_token, ends, side="right")  # token index after each turn end
+        after -= (after > 0) & straddles[np.maximum(after - 1, 0)]  # a sample ending there stops before such a token
+        cuts = [(cut, pictures[i], videos[i]) for cut, i in zip(after.tolist(), ends, strict=True)]
         return _Tokens(ids, labels, cuts)
 
     def _straddle(self, conv: Conversation, rendered: Rendered, texts: list[str], segment: int):

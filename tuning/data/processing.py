@@ -9,6 +9,7 @@ rows to train); the data layer reads the tokenizer and never changes it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +17,8 @@ from typing import NamedTuple
 from tuning.data.media.resolution import MediaOptions, configure
 from tuning.data.template import ChatTemplate, TemplateError, record_template_file
 from tuning.families import AUTO, Family, GroundingStyle, family_of, grounding_style, is_vision_language
+
+logger = logging.getLogger(__name__)
 
 
 class Loaded(NamedTuple):
@@ -34,9 +37,37 @@ def load_processing(model_name_or_path: str, trust_remote_code: bool = False, co
     config = AutoConfig.from_pretrained(config_from or model_name_or_path, trust_remote_code=trust_remote_code)
     if is_vision_language(config):
         processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        mend_template(processor.tokenizer, processor)
         return Loaded(processor.tokenizer, processor, family_of(config))
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    mend_template(tokenizer)
     return Loaded(tokenizer, None, family_of(config))
+
+
+# llava-hf's LLaVA-NeXT Mistral template (llava-v1.6-mistral-7b-hf) closes each answer with the text '<\s>', a typo of
+# '</s>': trained as written, the model would learn to type it and never reach the end-of-sequence token that LLaVA's
+# own training put there.
+_MISSPELT_EOS = ("'<\\s> '", "'</s> '")
+
+
+def mend_template(tokenizer, processor=None) -> None:
+    """Mend a known typo in a model's own chat template, with one log line."""
+    typo, fixed = _MISSPELT_EOS
+    if getattr(tokenizer, "eos_token", None) != "</s>":
+        return
+    mended = False
+    for holder in (tokenizer, processor):
+        template = getattr(holder, "chat_template", None)
+        if isinstance(template, str) and typo in template:
+            holder.chat_template = template.replace(typo, fixed)
+            mended = True
+    if mended:
+        logger.info(
+            "the chat template closes answers with %s, a typo of %s (llava-hf's LLaVA-NeXT): read as %s",
+            typo,
+            fixed,
+            fixed,
+        )
 
 
 @dataclass

@@ -83,6 +83,55 @@ def llava(spec: TinySpec) -> Parts:
     return Parts(config, tokenizer, processor, stop_tokens=("</s>",), pad_token="<pad>")
 
 
+# --- LLaVA-NeXT (llava-hf/llava-v1.6-mistral-7b-hf): CLIP at 336, anyres tiles plus the base view, Mistral text ----
+@kind(
+    "llava-next",
+    "LlavaNextForConditionalGeneration",
+    "tiny-llava-next",
+    template=template("llava_next"),
+    vision=True,
+    summary="LLaVA-NeXT (1.6): CLIP tower, anyres grid of tiles plus a base view, Mistral text",
+)
+def llava_next(spec: TinySpec) -> Parts:
+    import transformers as tf
+
+    tokenizer = bpe_tokenizer(spec, LLAVA_SPECIAL, template("llava_next"), add_bos_token=True, **LLAVA_TOKENS)
+    text = decoder_fields(
+        spec, tokenizer, **_ids(tokenizer, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>")
+    )
+    tile = 56  # 4 patches a side: 16 tokens a tile (real: 336 / 14 = 24 a side, 576 tokens)
+    # The real pinpoints: 336 x (1 x 2, 2 x 1, 2 x 2, 1 x 3, 3 x 1) pixels; the same grid shapes here.
+    pinpoints = [[tile * h, tile * w] for h, w in ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1))]
+    config = tf.LlavaNextConfig(
+        text_config=tf.MistralConfig(**text, sliding_window=None, tie_word_embeddings=False),
+        vision_config=tf.CLIPVisionConfig(
+            **_vision(spec, image_size=tile, patch_size=14, projection_dim=spec.vision_hidden_size)
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    image_processor = tf.LlavaNextImageProcessor(
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=pinpoints,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    processor = tf.LlavaNextProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template("llava_next"),
+    )
+    return Parts(config, tokenizer, processor, stop_tokens=("</s>",), pad_token="<pad>")
+
+
 # --- Gemma 3 (google/gemma-3-4b-it): SigLIP at 896 pooled to 256 soft tokens, <start_of_image> in the text ----------
 GEMMA3_SPECIAL = (
     "<pad>",
