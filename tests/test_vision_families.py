@@ -240,3 +240,40 @@ def test_llava_next_multi_turn_answers_train_whole_where_context_tokens_span_tur
             end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
             runs.append(encoder.tokenizer.decode(ids[start:end]).strip())
     assert runs == ["A red picture.</s>", "Red.</s>"], runs
+
+
+VIDEO_KINDS = ("glm4v", "internvl", "llava-onevision")  # the others have no video processor, or refuse (SmolVLM)
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_frames_reach_the_text_and_packed_rows_equal_padded(kind):
+    """The repo's video samples (LLaVA and Hugging Face shapes) through each family's own video processor: the
+    frames move the loss, and a packed row gives the padded batch's loss and gradients."""
+    data = REPO / "data" / "example_video.json"
+    encoder, features = encoded(kind, data)
+    assert len(features) == 3
+    padding, flattening = collators(encoder, packed_positions(tiny_model(kind)))
+    batch = padding(features)
+    videos = [k for k in batch if k.startswith("pixel_values")]
+    assert videos, "no frames reached the batch"
+    model = tiny_model(kind)
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+        grey = float(model(**{k: torch.full_like(v, 0.3) if k in videos else v for k, v in batch.items()}).loss)
+    assert abs(loss - grey) > 1e-4, "the frames do not reach the text"
+    padded_model, packed_model = tiny_model(kind), tiny_model(kind)
+    attend_per_sample(packed_model)
+    torch.manual_seed(0)
+    padded_loss, padded_grads = loss_and_gradients(padded_model.train(), batch)
+    torch.manual_seed(0)
+    packed_loss, packed_grads = loss_and_gradients(packed_model.train(), flattening(features))
+    assert abs(padded_loss - packed_loss) < 1e-5
+    for name, grad in padded_grads.items():
+        assert torch.allclose(grad, packed_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_smolvlm_videos_are_refused_with_the_reason():
+    from tuning.data.errors import DataErrors
+
+    with pytest.raises(DataErrors, match="its frames and timestamps"):
+        encoded("smolvlm", REPO / "data" / "example_video.json")

@@ -97,6 +97,8 @@ class Family:
     # the processor's picture features have one row per sample (Idefics3's tiles, Mllama's pictures x tiles): a
     # batch holds a row for every sample, empty (zeros, which the model drops or masks) for one without pictures
     media_rows_per_sample: bool = False
+    # why the family's videos are refused though its processor has a video processor; "": they are read
+    why_no_videos: str = ""
     # pictures enter the text through cross-attention layers, by a mask from each sample's ids (Mllama)
     cross_attention: bool = False
     # positions of a packed row come from the model's own get_rope_index (RopeIndexPositions), else 1-D positions
@@ -179,6 +181,8 @@ FAMILIES = (
         resolution="longest-edge",
         tiles="splitting",
         media_rows_per_sample=True,
+        why_no_videos="SmolVLM2's processor writes a video's prompt (its frames and timestamps) with a chat template "
+        "of its own, which the encoder does not render",
     ),
     Family(
         "Llama 3.2 Vision (Mllama)",

@@ -384,8 +384,14 @@ def smolvlm(spec: TinySpec) -> Parts:
         image_mean=HALF,
         image_std=HALF,
     )
+    # SmolVLM2's video_sampling: at most max_frames frames at fps, each frame one tile (real: 64 at 1 fps, 512 px)
     video_processor = tf.SmolVLMVideoProcessor(
-        size={"longest_edge": tile}, max_image_size={"longest_edge": tile}, image_mean=HALF, image_std=HALF
+        size={"longest_edge": tile},
+        max_image_size={"longest_edge": tile},
+        video_sampling={"fps": 1, "max_frames": 16, "video_size": {"longest_edge": tile}},
+        do_sample_frames=True,
+        image_mean=HALF,
+        image_std=HALF,
     )
     processor = tf.SmolVLMProcessor(
         image_processor,

@@ -69,6 +69,7 @@ class MediaProcessor:
         self.processor = processor
         self.image_processor = getattr(processor, "image_processor", None)
         self.video_processor = getattr(processor, "video_processor", None)
+        self.why_no_videos = ""  # the family's reason for refusing videos that its processor could read
         self.image_token = getattr(processor, "image_token", None)
         self.video_token = getattr(processor, "video_token", None)
         self.image_folder, self.limits, self.max_images = image_folder, limits, max_images
@@ -89,7 +90,11 @@ class MediaProcessor:
         self.token_types_input = _token_types_input(processor)
 
     def token_types(self, ids: list[int]) -> list[int]:
-        """1 for a picture's token, 2 for a video's, 0 for the rest (the processor's own mm_token_type_ids)."""
+        """1 for a picture's token, 2 for a video's, 0 for the rest: the processor's own mm_token_type_ids (GLM-4V's
+        frames are <|image|> tokens, a video's by lying between <|begin_of_video|> and <|end_of_video|>)."""
+        own = getattr(self.processor, "create_mm_token_type_ids", None)
+        if own is not None and any(self.token_ids.values()):
+            return [int(t) for t in own([list(ids)])[0]]
         images, videos = self.token_ids[1], self.token_ids[2]
         return [1 if t in images else 2 if t in videos else 0 for t in ids]
 
@@ -196,6 +201,13 @@ class MediaProcessor:
         return self._sized[key]
 
     def _need(self, conv: Conversation, sub_processor, what: str, index: int) -> None:
+        if what == "videos" and self.why_no_videos:
+            raise conv.error(
+                f"the sample has videos, which this model's family does not train yet: {self.why_no_videos}",
+                "give its videos as pictures (frames), or remove them",
+                index,
+                "content",
+            )
         if sub_processor is None:
             raise conv.error(
                 f"the sample has {what} but the model takes none (it is text-only, or has no {what[:-1]} processor)",
