@@ -100,7 +100,9 @@ def test_qwen3_learns_an_answer_with_its_reasoning_and_survives_the_merge(tmp_pa
         assert tuned.ask(question).strip() == expected, question
 
 
-@pytest.mark.parametrize("style", ["qwen-vl", "llava"])
+# LLaVA-written data on Qwen2.5-VL under the `families` marker: every CI run trains the LLaVA family on it
+# (tests/test_vision_families_train.py), and test_formats reads it for Qwen.
+@pytest.mark.parametrize("style", ["qwen-vl", pytest.param("llava", marks=pytest.mark.families)])
 def test_vision_answers_come_from_the_pixels(tmp_path, tiny_vl, style):
     """The same pictures and answers written as Qwen-VL data or as LLaVA data: the pixels arrive either way."""
     folder = tmp_path / "shapes"

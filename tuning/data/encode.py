@@ -278,7 +278,8 @@ class Encoder:
                 except grounding.GroundingError as e:
                     raise conv.error(str(e), "fix the <ref>/<box> tags", i, "content") from None
                 parts.append({"type": "text", "text": text})
-            messages.append(_template_message(message, parts, as_parts=not self._template_reads_strings))
+            reads_strings = self._system_reads_strings if message.role == "system" else self._template_reads_strings
+            messages.append(_template_message(message, _joined_texts(parts), as_parts=not reads_strings))
         return messages
 
     @functools.cached_property
@@ -287,14 +288,27 @@ class Encoder:
         llava-hf's LLaVA and SmolVLM templates only lists of parts, and iterate a string's characters)."""
         return self._renders_probe(as_parts=False) or not self._renders_probe(as_parts=True)
 
-    def _renders_probe(self, as_parts: bool) -> bool:
+    @functools.cached_property
+    def _system_reads_strings(self) -> bool:
+        """The same for a system message: Mistral Small 3.1's template reads a system prompt only from parts (it
+        tests whether the message, not its content, is a string), its other messages from strings too."""
+        if self._renders_probe(as_parts=False, system=True):
+            return True
+        return self._template_reads_strings and not self._renders_probe(as_parts=True, system=True)
+
+    def _renders_probe(self, as_parts: bool, system: bool = False) -> bool:
         """Whether the template renders a probe exchange with its text, the content as a string or as parts
-        (llava-hf's LLaVA-NeXT template reads `content[0]['text']` and fails on a string)."""
+        (llava-hf's LLaVA-NeXT template reads `content[0]['text']` and fails on a string); with `system`, only the
+        system message's content takes that form, the others the form the template reads."""
         texts = {"user": "Probe question", "assistant": "Probe answer"}
-        probe = [
-            {"role": role, "content": [{"type": "text", "text": text}] if as_parts else text}
-            for role, text in texts.items()
-        ]
+        if system:
+            texts = {"system": "Probe rules", **texts}
+
+        def content(role: str, text: str):
+            parts = as_parts if role == "system" or not system else not self._template_reads_strings
+            return [{"type": "text", "text": text}] if parts else text
+
+        probe = [{"role": role, "content": content(role, text)} for role, text in texts.items()]
         try:
             rendered = self.template.render(probe)
         except TemplateError:
@@ -479,6 +493,18 @@ def _turn_ends(segments) -> list[int]:
         if segment.supervised or closing:
             ends.append(i)
     return ends
+
+
+def _joined_texts(parts: list[dict]) -> list[dict]:
+    """Neighbouring text parts as one, as the data wrote them: a box converted out of a message's text is no part of
+    its own (llava-hf's templates add a space after each text part, LLaVA-NeXT's renders only the first)."""
+    joined: list[dict] = []
+    for part in parts:
+        if joined and part["type"] == "text" and joined[-1]["type"] == "text":
+            joined[-1] = {"type": "text", "text": joined[-1]["text"] + part["text"]}
+        else:
+            joined.append(part)
+    return joined
 
 
 def _template_message(message, parts: list[dict], as_parts: bool = False) -> dict:

@@ -91,7 +91,7 @@ class MediaProcessor:
 
     def token_types(self, ids: list[int]) -> list[int]:
         """1 for a picture's token, 2 for a video's, 0 for the rest: the processor's own mm_token_type_ids (GLM-4V's
-        frames are <|image|> tokens, a video's by lying between <|begin_of_video|> and <|end_of_video|>)."""
+        frames are picture tokens, a video's by the marks around them)."""
         own = getattr(self.processor, "create_mm_token_type_ids", None)
         if own is not None and any(self.token_ids.values()):
             return [int(t) for t in own([list(ids)])[0]]
