@@ -38,6 +38,14 @@ LLAVA_SPECIAL = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
 LLAVA_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
+def _llava_text(spec: TinySpec, template_name: str):
+    """(tokenizer, text config fields) of a LLaVA on a Llama 2 / Mistral text model: their sentencepiece tokens and
+    <image>, bos added to each text."""
+    tokenizer = bpe_tokenizer(spec, LLAVA_SPECIAL, template(template_name), add_bos_token=True, **LLAVA_TOKENS)
+    ids = _ids(tokenizer, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>")
+    return tokenizer, decoder_fields(spec, tokenizer, **ids)
+
+
 @kind(
     "llava",
     "LlavaForConditionalGeneration",
@@ -49,10 +57,7 @@ LLAVA_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "
 def llava(spec: TinySpec) -> Parts:
     import transformers as tf
 
-    tokenizer = bpe_tokenizer(spec, LLAVA_SPECIAL, template("llava"), add_bos_token=True, **LLAVA_TOKENS)
-    text = decoder_fields(
-        spec, tokenizer, **_ids(tokenizer, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>")
-    )
+    tokenizer, text = _llava_text(spec, "llava")
     # 56 / 14 = 4 patches a side: 16 image tokens (llava-1.5: 336 / 14 = 24 a side, 576 tokens)
     vision = _vision(spec, image_size=56, patch_size=14, projection_dim=spec.vision_hidden_size)
     config = tf.LlavaConfig(
@@ -95,10 +100,7 @@ def llava(spec: TinySpec) -> Parts:
 def llava_next(spec: TinySpec) -> Parts:
     import transformers as tf
 
-    tokenizer = bpe_tokenizer(spec, LLAVA_SPECIAL, template("llava_next"), add_bos_token=True, **LLAVA_TOKENS)
-    text = decoder_fields(
-        spec, tokenizer, **_ids(tokenizer, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>")
-    )
+    tokenizer, text = _llava_text(spec, "llava_next")
     tile = 56  # 4 patches a side: 16 tokens a tile (real: 336 / 14 = 24 a side, 576 tokens)
     # The real pinpoints: 336 x (1 x 2, 2 x 1, 2 x 2, 1 x 3, 3 x 1) pixels; the same grid shapes here.
     pinpoints = [[tile * h, tile * w] for h, w in ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1))]
