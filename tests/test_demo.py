@@ -16,8 +16,9 @@ from PIL import Image
 
 from tests.conftest import PYTHON, REPO, run_env
 from tests.helpers import free_port
+from tuning.chat import split_thinking
 from tuning.data.grounding import Box, draw_boxes, find_boxes, strip_tags
-from tuning.demo import history_to_messages, latest_image, shown_turn, split_thinking
+from tuning.demo import history_to_messages, latest_image, shown_turn
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

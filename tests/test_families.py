@@ -129,7 +129,7 @@ def test_a_vision_family_without_a_record_is_refused_by_name(tiny_llava, tmp_pat
     with pytest.raises(UnsupportedFamily, match=r"AyaVisionForConditionalGeneration \(model_type 'aya_vision'\)"):
         require_support(family)
     tokenizer, processor, family = load_processing(str(tiny_llava))
-    supported = r"Supported vision-language families: Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, GLM-4V, LLaVA-1\.5"
+    supported = r"Supported vision-language families: Qwen2-VL, Qwen2\.5-VL, Qwen3-VL, Qwen3\.5, GLM-4V, LLaVA-1\.5"
     with pytest.raises(UnsupportedFamily, match=supported):
         Encoder(tokenizer, processor, family=family)
 

@@ -240,7 +240,8 @@ def test_llava_next_multi_turn_answers_train_whole_where_context_tokens_span_tur
     assert runs == ["A red picture.</s>", "Red.</s>"], runs
 
 
-VIDEO_KINDS = ("glm4v", "internvl", "llava-onevision")  # the others have no video processor, or refuse (SmolVLM)
+# the others have no video processor, or refuse (SmolVLM)
+VIDEO_KINDS = ("glm4v", "internvl", "llava-onevision", "qwen3.5")
 
 
 @pytest.mark.parametrize("kind", VIDEO_KINDS)
@@ -259,6 +260,8 @@ def test_video_frames_reach_the_text_and_packed_rows_equal_padded(kind):
         loss = float(model(**batch).loss)
         grey = float(model(**{k: torch.full_like(v, 0.3) if k in videos else v for k, v in batch.items()}).loss)
     assert abs(loss - grey) > 1e-4, "the frames do not reach the text"
+    if not encoder.family.packs_exactly:
+        return  # (Qwen3.5: its recurrent layers; the run turns packing off, tested above)
     padded_model, packed_model = tiny_model(kind), tiny_model(kind)
     attend_per_sample(packed_model)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from tuning.tiny import ensure_tiny
 
 # in CI: one row of features per picture, packed (198 s on a loaded 2-core machine; Gemma 3 took over 20 minutes)
 IN_CI = ("llava",)
-OTHERS = ("gemma3", "smolvlm", "llava-next", "llava-onevision", "internvl", "mistral3", "glm4v", "mllama")
+OTHERS = ("gemma3", "smolvlm", "llava-next", "llava-onevision", "qwen3.5", "internvl", "mistral3", "glm4v", "mllama")
 KINDS = [pytest.param(k, marks=pytest.mark.slow) for k in IN_CI] + [
     pytest.param(k, marks=[pytest.mark.slow, pytest.mark.families]) for k in OTHERS
 ]

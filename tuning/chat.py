@@ -243,6 +243,18 @@ class Chat:
         return grounding.find_boxes(answer, style, size)
 
 
+def split_thinking(answer: str) -> tuple[str | None, str]:
+    """(reasoning or None, the answer to show) of a reasoning model's raw answer: "<think>...</think>answer",
+    or "...</think>answer" where the prompt opened the think block (Qwen3-Thinking, DeepSeek-R1); while the
+    reasoning is still streaming, all of it is reasoning."""
+    if "</think>" in answer:
+        thinking, _, rest = answer.partition("</think>")
+        return thinking.split("<think>", 1)[-1].strip(), rest.strip()
+    if "<think>" in answer:
+        return answer.split("<think>", 1)[1].strip(), ""
+    return None, answer
+
+
 def readable(answer: str) -> str:
     """An answer with grounding shown as 'label [x1,y1,x2,y2]' instead of raw tags."""
     boxes = grounding.find_boxes(answer, DATA_TAGS)

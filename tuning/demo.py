@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tuning.chat import Chat, GenerationSettings, picture_ref
+from tuning.chat import Chat, GenerationSettings, picture_ref, split_thinking
 from tuning.data import grounding
 from tuning.data.grounding import draw_boxes
 from tuning.data.media.images import load_image
@@ -92,18 +92,6 @@ def latest_image(messages: list[dict]) -> str | None:
                 if part["type"] == "image":
                     return part["image"]
     return None
-
-
-def split_thinking(answer: str) -> tuple[str | None, str]:
-    """(reasoning or None, the answer to show) of a reasoning model's raw answer: "<think>...</think>answer",
-    or "...</think>answer" where the prompt opened the think block (Qwen3-Thinking, DeepSeek-R1); while the
-    reasoning is still streaming, all of it is reasoning."""
-    if "</think>" in answer:
-        thinking, _, rest = answer.partition("</think>")
-        return thinking.split("<think>", 1)[-1].strip(), rest.strip()
-    if "<think>" in answer:
-        return answer.split("<think>", 1)[1].strip(), ""
-    return None, answer
 
 
 def shown_turn(answer: str) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tuning.chat import Chat, GenerationSettings, load_for_chat
+from tuning.chat import Chat, GenerationSettings, load_for_chat, split_thinking
 from tuning.data import grounding
 from tuning.data.conversation import ImageRef, VideoRef
 from tuning.data.errors import DataError
@@ -139,7 +139,8 @@ def ask(chat: Chat, sample: HeldOut, pictures: list) -> str:
     answer = ""
     for partial in chat.stream_reply([sample.message(pictures)]):
         answer = partial
-    return answer.strip()
+    # the answer after the reasoning: Qwen3.5's template writes an empty think block before every trained answer
+    return split_thinking(answer)[1].strip()
 
 
 def exact_match(chat: Chat, path: str | Path, id_suffix: str | None = None, picture: str = "real") -> Score:

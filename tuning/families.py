@@ -149,6 +149,15 @@ FAMILIES = (
     Family("Qwen2.5-VL", ("qwen2_5_vl",), grounding=QWEN2_5_VL_TOKENS, **_QWEN_VL),
     # its deepstack mergers feed picture features into early text layers: projectors too
     Family("Qwen3-VL", ("qwen3_vl",), **{**_QWEN_VL, "projectors": ("merger", "deepstack_merger_list")}),
+    # Qwen3-VL's pictures (its processor, its rope index) before Gated DeltaNet text layers
+    Family(
+        "Qwen3.5",
+        ("qwen3_5", "qwen3_5_moe"),
+        **_QWEN_VL,
+        packs_exactly=False,
+        why_not_packed="its Gated DeltaNet (linear attention) layers carry a recurrent state from one packed sample "
+        "into the next",
+    ),
     # Qwen-VL's layout and positions (its processor and get_rope_index are Qwen2-VL's), its own picture tokens
     Family(
         "GLM-4V",

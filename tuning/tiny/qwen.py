@@ -53,6 +53,8 @@ QWEN3_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_respon
 def chat_template(kind: str) -> str:
     """Qwen2.5-VL's ChatML template, or for the Qwen3 kind the official Qwen3 template (thinking, tools), as
     shipped in Qwen3's tokenizer_config.json."""
+    if kind == "qwen3.5":  # Qwen/Qwen3.5-27B's own (thinking, tools, pictures and videos)
+        return resources.files("tuning").joinpath("assets/templates/qwen3.5.jinja").read_text("utf-8").rstrip("\n")
     if kind != "qwen3":
         return CHAT_TEMPLATE
     asset = resources.files("tuning").joinpath("assets/qwen3_chat_template.jinja")
@@ -78,7 +80,7 @@ def build_tokenizer(spec: TinySpec):
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
     )
-    if spec.kind == "qwen3":
+    if spec.kind in ("qwen3", "qwen3.5"):
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_TOKENS])
     tokenizer.chat_template = chat_template(spec.kind)
     return tokenizer
@@ -170,6 +172,28 @@ def build_config(spec: TinySpec, tokenizer):
         return tf.Qwen3VLConfig(
             text_config=text3, vision_config=vision_config, tie_word_embeddings=True, **_vision_token_ids(tokenizer)
         )
+    if spec.kind == "qwen3.5":
+        # Gated DeltaNet layers (linear attention) before a full-attention one, as the real 3:1 pattern, shortened
+        text35 = {
+            **text,
+            "head_dim": head_dim,
+            "rope_parameters": {**mrope, "mrope_interleaved": True, "partial_rotary_factor": 1.0},
+            "layer_types": ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(spec.num_layers)],
+            "linear_key_head_dim": head_dim,
+            "linear_value_head_dim": head_dim,
+            "linear_num_key_heads": spec.num_kv_heads,
+            "linear_num_value_heads": spec.num_heads,
+        }
+        vision_config = {
+            **vision,
+            "hidden_size": spec.vision_hidden_size,
+            "intermediate_size": 2 * spec.vision_hidden_size,
+            "out_hidden_size": spec.hidden_size,
+            "num_position_embeddings": 64,
+        }
+        return tf.Qwen3_5Config(
+            text_config=text35, vision_config=vision_config, tie_word_embeddings=True, **_vision_token_ids(tokenizer)
+        )
     raise ValueError(f"not a Qwen kind: {spec.kind!r}")
 
 
@@ -177,11 +201,12 @@ def build_processor(spec: TinySpec, tokenizer):
     import transformers as tf
 
     sizes = {"min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}
-    if spec.kind == "qwen3-vl":
+    if spec.kind in ("qwen3-vl", "qwen3.5"):  # Qwen3.5 checkpoints ship Qwen3-VL's processor
         patch = 16
         image_processor = tf.Qwen2VLImageProcessor(**sizes, patch_size=patch)
         video_processor = tf.Qwen3VLVideoProcessor(patch_size=patch)
-        return tf.Qwen3VLProcessor(image_processor, tokenizer, video_processor, chat_template=CHAT_TEMPLATE)
+        template = chat_template(spec.kind)
+        return tf.Qwen3VLProcessor(image_processor, tokenizer, video_processor, chat_template=template)
     image_processor = tf.Qwen2VLImageProcessor(**sizes)
     video_processor = tf.Qwen2VLVideoProcessor()
     processor_class = tf.Qwen2_5_VLProcessor if spec.kind == "vl" else tf.Qwen2VLProcessor
@@ -202,6 +227,7 @@ for _name, _class, _folder, _summary in (
     ("vl", "Qwen2_5_VLForConditionalGeneration", "tiny-qwen2.5-vl", "Qwen2.5-VL"),
     ("qwen2-vl", "Qwen2VLForConditionalGeneration", "tiny-qwen2-vl", "Qwen2-VL"),
     ("qwen3-vl", "Qwen3VLForConditionalGeneration", "tiny-qwen3-vl", "Qwen3-VL"),
+    ("qwen3.5", "Qwen3_5ForConditionalGeneration", "tiny-qwen3.5", "Qwen3.5: Gated DeltaNet + attention, pictures"),
 ):
     kind(
         _name,
