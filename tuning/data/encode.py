@@ -124,8 +124,7 @@ class Encoder:
         if isinstance(grounding, str):
             grounding = grounding_style(family, tokenizer.get_vocab(), grounding)
         self.grounding = grounding
-        self.media = MediaProcessor(processor, image_folder, image_limits, max_images)
-        self.media.why_no_videos = family.why_no_videos
+        self.media = MediaProcessor(processor, image_folder, image_limits, max_images, family.why_no_videos)
         self.image_token = self.media.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
         self.video_token = self.media.video_token

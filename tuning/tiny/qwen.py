@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from tuning.tiny.core import Parts, TinySpec, decoder_fields, kind, train_bpe
+from tuning.tiny.core import Parts, TinySpec, decoder_fields, kind, template, train_bpe
 
 # Qwen's own special tokens, in the order Qwen2/Qwen2.5-VL number them (after the BPE vocabulary).
 SPECIAL_TOKENS = (
@@ -51,10 +51,10 @@ QWEN3_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_respon
 
 
 def chat_template(kind: str) -> str:
-    """Qwen2.5-VL's ChatML template, or for the Qwen3 kind the official Qwen3 template (thinking, tools), as
-    shipped in Qwen3's tokenizer_config.json."""
-    if kind == "qwen3.5":  # Qwen/Qwen3.5-27B's own (thinking, tools, pictures and videos)
-        return resources.files("tuning").joinpath("assets/templates/qwen3.5.jinja").read_text("utf-8").rstrip("\n")
+    """Qwen2.5-VL's ChatML template; for the Qwen3 kind the official Qwen3 template (thinking, tools), as shipped
+    in Qwen3's tokenizer_config.json; for Qwen3.5, Qwen3.5-27B's own (thinking, tools, pictures and videos)."""
+    if kind == "qwen3.5":
+        return template("qwen3.5")
     if kind != "qwen3":
         return CHAT_TEMPLATE
     asset = resources.files("tuning").joinpath("assets/qwen3_chat_template.jinja")
@@ -205,8 +205,8 @@ def build_processor(spec: TinySpec, tokenizer):
         patch = 16
         image_processor = tf.Qwen2VLImageProcessor(**sizes, patch_size=patch)
         video_processor = tf.Qwen3VLVideoProcessor(patch_size=patch)
-        template = chat_template(spec.kind)
-        return tf.Qwen3VLProcessor(image_processor, tokenizer, video_processor, chat_template=template)
+        own = chat_template(spec.kind)
+        return tf.Qwen3VLProcessor(image_processor, tokenizer, video_processor, chat_template=own)
     image_processor = tf.Qwen2VLImageProcessor(**sizes)
     video_processor = tf.Qwen2VLVideoProcessor()
     processor_class = tf.Qwen2_5_VLProcessor if spec.kind == "vl" else tf.Qwen2VLProcessor

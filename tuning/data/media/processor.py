@@ -65,11 +65,13 @@ class Media:
 class MediaProcessor:
     """Loads a conversation's pictures and videos within limits and runs them through the model's processor."""
 
-    def __init__(self, processor, image_folder: str | None, limits: ImageLimits, max_images: int):
+    def __init__(
+        self, processor, image_folder: str | None, limits: ImageLimits, max_images: int, why_no_videos: str = ""
+    ):
         self.processor = processor
         self.image_processor = getattr(processor, "image_processor", None)
         self.video_processor = getattr(processor, "video_processor", None)
-        self.why_no_videos = ""  # the family's reason for refusing videos that its processor could read
+        self.why_no_videos = why_no_videos  # the family's reason for refusing videos its processor could read
         self.image_token = getattr(processor, "image_token", None)
         self.video_token = getattr(processor, "video_token", None)
         self.image_folder, self.limits, self.max_images = image_folder, limits, max_images
