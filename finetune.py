@@ -22,7 +22,8 @@ from tuning.arguments import parse_groups
 from tuning.data.args import DataArguments
 from tuning.loss import LOSS_IMPLEMENTATIONS
 from tuning.model import is_gptq_checkpoint
-from tuning.runtime import leave_distributed
+from tuning.preference import PreferenceArguments
+from tuning.runtime import is_zero3, leave_distributed
 from tuning.trainer import SupervisedTrainer
 
 
@@ -156,9 +157,12 @@ class LoraArguments:
     lora_vision: bool = field(default=False, metadata={"help": "Also put LoRA on the vision tower."})
 
 
-def argument_problems(model_args, data_args, training_args, lora_args) -> list[str]:
+def argument_problems(model_args, data_args, training_args, lora_args, preference_args=None) -> list[str]:
     """Every impossible combination, so the user fixes them all in one go."""
     problems = data_args.problems() if isinstance(data_args, DataArguments) else []
+    if isinstance(preference_args, PreferenceArguments):
+        problems += preference_args.problems(data_args.stage)
+        problems += stage_problems(data_args, training_args, lora_args, preference_args)
     if lora_args.q_lora and not training_args.use_lora:
         problems.append("--q_lora True needs --use_lora True")
     if training_args.bf16 and training_args.fp16:
@@ -190,14 +194,29 @@ def argument_problems(model_args, data_args, training_args, lora_args) -> list[s
     return problems
 
 
+def stage_problems(data_args, training_args, lora_args, preference_args) -> list[str]:
+    """What the chosen --stage cannot do with the other flags."""
+    stage, problems = data_args.stage, []
+    if stage in ("kto", "rm"):
+        problems.append(f"--stage {stage} is not built yet: --stage dpo (with --pref_loss) trains preferences now")
+    own_reference = not training_args.use_lora or preference_args.precompute_ref_log_probs or lora_args.lora_weight_path
+    if stage == "dpo" and is_zero3(training_args) and preference_args.needs_reference and own_reference:
+        problems.append(
+            "--stage dpo under ZeRO-3 needs a reference of its own in the engine, which is not built yet: use "
+            "ZeRO-2, or LoRA (its reference is the model with the adapter off), or --pref_loss orpo|simpo"
+        )
+    return problems
+
+
 def parse_arguments(argv: list[str]) -> recipe.RunArguments:
     """The four argument groups, with every adjustment the run makes (recipe.settle_arguments) and every problem,
     the Trainer's own checks included, reported at once before anything is loaded."""
-    groups = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
+    groups = (ModelArguments, DataArguments, TrainingArguments, LoraArguments, PreferenceArguments)
     built, adjustments = parse_groups(
         groups, argv, "finetune.py", adjust=recipe.settle_arguments, check=argument_problems
     )
-    return recipe.RunArguments(*built, adjustments=adjustments)
+    model, data, training, lora, preference = built
+    return recipe.RunArguments(model, data, training, lora, preference, adjustments=adjustments)
 
 
 def train(argv: list[str] | None = None, callbacks: tuple = ()) -> SupervisedTrainer:

@@ -62,6 +62,7 @@ def tables() -> str:
         ("Model", dataclasses.fields(finetune.ModelArguments)),
         ("Data (also `python -m tuning.data`)", dataclasses.fields(finetune.DataArguments)),
         ("LoRA and Q-LoRA", dataclasses.fields(finetune.LoraArguments)),
+        ("Preference stages (`--stage dpo`; docs/preference.md)", dataclasses.fields(finetune.PreferenceArguments)),
         ("Training: the toolkit's own flags and the defaults it changes", own_fields(finetune.TrainingArguments)),
     ]
     parts = [BEGIN]

@@ -201,6 +201,91 @@ def supervised_loss(model: nn.Module, labels: torch.Tensor, chunk: int | None = 
 
     The head is still called as a module, so an engine's hooks see the loss as its output: DeepSpeed ZeRO-3 gathers
     the weight for the forward and again for the backward, where this loss's gradients reach it; FSDP unshards it."""
+
+    def summed_loss(hidden, head, targets, transform):
+        return linear_cross_entropy_sum(hidden, head, targets, chunk, transform).view(1, 1)
+
+    with _head_computes(model, labels, summed_loss) as keep:
+        yield keep
+
+
+@contextlib.contextmanager
+def token_log_probs(model: nn.Module, labels: torch.Tensor, chunk: int | None = None):
+    """As supervised_loss, for the preference losses: the model's `logits` (shape (1, 2 * kept)) carry, for each
+    supervised position in the order `labels[:, 1:]` flattens them, the log-probability of its label, then the mean
+    of its logits (no gradient; TRL logs it as logits/chosen and logits/rejected). Gradients flow from the
+    log-probabilities to the hidden states and the head; each chunk's logits are computed again in the backward, as
+    no loss (and so no gradient) is known in the forward."""
+
+    def log_probs(hidden, head, targets, transform):
+        weight, bias = head.weight, getattr(head, "bias", None)
+        rows = chunk or chunk_rows(head.out_features, buffers=2)
+        values, means = _LinearTokenLogProbs.apply(hidden, weight, bias, targets, rows, transform)
+        return torch.cat([values, means]).view(1, -1)
+
+    with _head_computes(model, labels, log_probs) as keep:
+        yield keep
+
+
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """log softmax(transform(hidden @ weight.T + bias))[target] of each row, and the mean logit, a chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, transform: LogitTransform):
+        values = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        means = torch.empty_like(values)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = nn.functional.linear(hidden[start : start + chunk], weight, bias).float()
+            transform.apply_(logits)
+            target = targets[start : start + chunk]
+            values[start : start + chunk] = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)
+            means[start : start + chunk] = logits.mean(-1)
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.transform = chunk, transform
+        ctx.mark_non_differentiable(means)
+        return values, means
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_means):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows, target = hidden[start : start + ctx.chunk], targets[start : start + ctx.chunk]
+            upstream = grad_values[start : start + ctx.chunk].float()
+            logits = nn.functional.linear(rows, weight, bias).float()
+            derivative = ctx.transform.apply_(logits)
+            # d log p(target) / d logits = one-hot - softmax, times the upstream gradient of each row
+            grad_logits = logits.softmax(-1).mul_(-upstream[:, None])
+            grad_logits[torch.arange(len(target), device=target.device), target] += upstream
+            if not (isinstance(derivative, float) and derivative == 1.0):
+                grad_logits.mul_(derivative)
+            del logits, derivative
+            if grad_hidden is not None:
+                grad_hidden[start : start + ctx.chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ rows.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+@contextlib.contextmanager
+def _head_computes(model: nn.Module, labels: torch.Tensor, compute):
+    """The output head, for one forward with `logits_to_keep=keep` (yielded), returns `compute(hidden at the
+    supervised positions, head, their targets, the config's logit transform)`, a (1, n) tensor, and the model's
+    output carries it as its `logits`: what the model's forward does to it is checked against the transform by
+    probe values returned beside it."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]  # in the order the model flattens the kept positions
@@ -210,31 +295,32 @@ def supervised_loss(model: nn.Module, labels: torch.Tensor, chunk: int | None = 
     transform = logit_transform(inner.config)
     seen: dict = {}
 
-    def summed_loss(hidden):  # (kept positions, hidden size) -> (1, 1 + probes)
-        loss = linear_cross_entropy_sum(hidden, head, targets, chunk, transform).view(1, 1)
-        return torch.cat([loss, loss.new_tensor(PROBES)[None]], dim=1)
+    def computed(hidden):  # (kept positions, hidden size) -> (1, n + probes)
+        values = compute(hidden, head, targets, transform)
+        seen["width"] = values.shape[1]
+        return torch.cat([values, values.new_tensor(PROBES)[None]], dim=1)
 
     def head_returned(module, args, output):  # registered last: the output after the engines' hooks
         seen["head"] = output
 
-    def model_returned(module, args, output):  # the loss as the head returned it, if the probes say it may be
-        carried, logits = seen.pop("head", None), getattr(output, "logits", None)
+    def model_returned(module, args, output):  # the values as the head returned them, if the probes say they may be
+        carried, logits, width = seen.pop("head", None), getattr(output, "logits", None), seen.get("width", 0)
         if carried is None or logits is None or logits.shape != carried.shape:
             seen["problem"] = "its forward returned no logits of the head's output shape"
             return
-        expected, got = transform(carried[:, 1:].detach()), logits[:, 1:].detach().float()
+        expected, got = transform(carried[:, width:].detach()), logits[:, width:].detach().float()
         if not torch.allclose(got, expected, rtol=1e-5, atol=1e-5):
             seen["problem"] = (
                 f"its forward changes the head's logits {list(PROBES)} into {got.flatten().tolist()}, not as its "
                 f"config says (transform: {transform})"
             )
             return
-        loss = logits[:, :1]
-        if transform != LogitTransform():  # the value as the head returned it, not the model's change of it; the
-            loss = carried[:, :1] + 0 * loss  # model's output stays in the graph, so that engines' hooks on it run
-        output["logits"] = loss
+        values = logits[:, :width]
+        if transform != LogitTransform():  # the values as the head returned them, not the model's change of them;
+            values = carried[:, :width] + 0 * values  # the model's output stays in the graph, for engines' hooks
+        output["logits"] = values
 
-    head.forward = summed_loss  # the instance attribute shadows nn.Linear.forward; __call__ and its hooks still run
+    head.forward = computed  # the instance attribute shadows nn.Linear.forward; __call__ and its hooks still run
     hooks = [head.register_forward_hook(head_returned), inner.register_forward_hook(model_returned)]
     try:
         yield keep

@@ -31,9 +31,10 @@ from tuning.attention import PACKED_SDPA, attend_per_sample, supported_attention
 from tuning.callbacks import LossPlotCallback, SampleGenerationCallback, StopOnSignal, ThroughputCallback, TileMLPs
 from tuning.checkpoints import RestoreFullWeights, resolve_resume, resume_command, save_final, save_run_args
 from tuning.data.cache import CacheError
-from tuning.data.collate import FlatteningCollator, PaddingCollator
+from tuning.data.collate import FlatteningCollator, PaddingCollator, PairCollator
 from tuning.data.dataset import (
     DataReport,
+    PreferencePairs,
     ReadData,
     default_workers,
     encode_dataset,
@@ -64,6 +65,7 @@ from tuning.model import (
     untrained_token_ids,
     vision_parts,
 )
+from tuning.preference import PreferenceTrainer, Reference, frozen_copy
 from tuning.runtime import (
     deepspeed_state_on_cpu,
     is_zero3,
@@ -85,7 +87,12 @@ class RunArguments:
     data: object
     training: object
     lora: object
+    preference: object = None  # tuning.preference.PreferenceArguments, read by --stage dpo
     adjustments: list[str] = field(default_factory=list)
+
+    @property
+    def stage(self) -> str:
+        return getattr(self.data, "stage", "sft")
 
 
 # -- arguments ----------------------------------------------------------------------------------------------------
@@ -219,9 +226,9 @@ def read_data(args: RunArguments) -> DataRead:
     data, wait, tell = args.data, waits_for_node(args.training), args.training.process_index == 0
     try:
         root = data.cache_root()
-        train = read_conversations(data.data_path, data.ignore_unknown_fields, root, wait, tell)
+        train = read_conversations(data.data_path, data.ignore_unknown_fields, root, wait, tell, data.stage)
         held_out = (
-            read_conversations(data.eval_data_path, data.ignore_unknown_fields, root, wait, tell)
+            read_conversations(data.eval_data_path, data.ignore_unknown_fields, root, wait, tell, data.stage)
             if data.eval_data_path
             else None
         )
@@ -258,11 +265,17 @@ def build_datasets(args: RunArguments, data: DataRead, processing: Processing) -
     train, report = _encoded(args, data, data.train, encoder, args.data.skip_bad_samples)
     report.added_tokens = processing.added_tokens
     logger.info(report.summary())
-    datasets = Datasets(encoder, train, report)
+    datasets = Datasets(encoder, _as_stage(args, train), report)
     if data.eval is not None:
-        datasets.eval, datasets.eval_report = _encoded(args, data, data.eval, encoder, False)
+        held_out, datasets.eval_report = _encoded(args, data, data.eval, encoder, False)
+        datasets.eval = _as_stage(args, held_out)
         logger.info(datasets.eval_report.summary())
     return datasets
+
+
+def _as_stage(args: RunArguments, samples):
+    """The encoded samples as the stage trains them: one by one (SFT), or as chosen and rejected pairs."""
+    return PreferencePairs(samples) if args.stage == "dpo" else samples
 
 
 def _encoded(args: RunArguments, data: DataRead, read: ReadData, encoder: Encoder, skip_bad_samples: bool):
@@ -341,15 +354,17 @@ def lora_options(args: RunArguments) -> LoraOptions:
 
 def build_trainer(
     args: RunArguments, processing: Processing, datasets: Datasets, model, resume: str | None, callbacks=()
-) -> SupervisedTrainer:
+) -> SupervisedTrainer | PreferenceTrainer:
+    """The stage's trainer (SFT, or the preference trainer of --stage dpo) on the same parts, collator and
+    callbacks."""
     training = args.training
     family = family_of(model.config)
-    return SupervisedTrainer(
+    collator = collator_for(model, datasets.encoder, args.data.packing, training.world_size)
+    common = dict(
         model=model,
         args=training,
         train_dataset=datasets.train,
         eval_dataset=datasets.eval,
-        data_collator=collator_for(model, datasets.encoder, args.data.packing, training.world_size),
         callbacks=[
             *standard_callbacks(training, resume, datasets.encoder),
             *mlp_tiling(training, is_zero3(training), family.gated_mlp),
@@ -361,6 +376,49 @@ def build_trainer(
         loss_impl=training.loss_impl,
         max_tokens_per_batch=args.data.max_tokens_per_batch,
     )
+    if args.stage == "dpo":
+        reference = build_reference(args, model)
+        logger.info("preference: %s, reference: %s", args.preference.pref_loss, describe_reference(reference))
+        return PreferenceTrainer(
+            **common, data_collator=PairCollator(collator), preference=args.preference, reference=reference
+        )
+    return SupervisedTrainer(**common, data_collator=collator)
+
+
+def build_reference(args: RunArguments, model) -> Reference:
+    """The reference the preference loss compares with: the starting weights, by construction."""
+    preference, precompute = args.preference, args.preference.precompute_ref_log_probs
+    if not preference.needs_reference:
+        return Reference("none")
+    if preference.ref_model:
+        options = LoadOptions(
+            preference.ref_model,
+            trust_remote_code=args.model.trust_remote_code,
+            attn_implementation=args.model.attn_implementation,
+            dtype=compute_dtype(args.training.bf16, args.training.fp16),
+        )
+        reference = load_model(options)
+        if args.data.packing:
+            attend_per_sample(reference)  # packed rows, as the policy reads them
+        reference.requires_grad_(False)
+        return Reference("model", reference.eval(), precompute)
+    if args.training.use_lora:
+        # continuing from an adapter, the reference is that adapter as it starts, not the bare base (LLaMA-Factory
+        # #8974, ms-swift #8047: loss 0 and accuracy 1.0 from step 5); computed before the first step
+        return Reference("policy" if args.lora.lora_weight_path else "adapter-off", precompute=precompute)
+    if precompute:
+        return Reference("policy", precompute=True)
+    return Reference("model", frozen_copy(model))
+
+
+def describe_reference(reference: Reference) -> str:
+    what = {
+        "adapter-off": "the model with its adapter switched off",
+        "policy": "the model as it starts, computed before the first step",
+        "model": "a frozen model of its own",
+        "none": "none",
+    }[reference.kind]
+    return what + (" (precomputed)" if reference.precompute and reference.kind != "policy" else "")
 
 
 def collator_for(model, encoder: Encoder, packing: bool, world_size: int):

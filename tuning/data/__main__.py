@@ -27,7 +27,13 @@ from tuning.families import UnsupportedFamily
 @dataclass
 class CheckArguments:
     model_name_or_path: str = field(metadata={"help": "Model whose tokenizer, template and processor encode the data."})
-    show: int = field(default=0, metadata={"help": "Render this many samples with the supervised tokens marked."})
+    show: int = field(
+        default=0,
+        metadata={
+            "help": "Render this many samples with the supervised tokens marked (preference data: this many pairs, "
+            "each prompt with its chosen and its rejected answer)."
+        },
+    )
     dump: str | None = field(default=None, metadata={"help": "Write one JSON line per usable sample to this file."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own Python code to run."})
 
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = data_args.cache_root()
         read = read_conversations(
-            data_args.data_path, data_args.ignore_unknown_fields, root, False, sys.stderr.isatty()
+            data_args.data_path, data_args.ignore_unknown_fields, root, False, sys.stderr.isatty(), data_args.stage
         )
     except (FileNotFoundError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -110,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     report.added_tokens = processing.added_tokens
     print(report.summary())
     media_tokens = tuple(t for t in (encoder.image_token, encoder.video_token) if t)
-    for sample in dataset.samples[: check_args.show]:
-        print(f"\n--- {sample.id} ({len(sample.input_ids)} tokens, {sample.num_images} images)")
+    shown = check_args.show * (2 if report.preference.get("pairs") else 1)
+    for sample in dataset.samples[:shown]:
+        side = f" {sample.preference['side']}" if sample.preference else ""
+        print(f"\n--- {sample.id}{side} ({len(sample.input_ids)} tokens, {sample.num_images} images)")
         print(render_supervision(encoder.tokenizer, sample.input_ids, sample.labels, sys.stdout.isatty(), media_tokens))
     if check_args.dump:
         with open(check_args.dump, "w", encoding="utf-8") as f:

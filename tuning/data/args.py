@@ -16,11 +16,21 @@ from tuning.data.media.resolution import (
     pixels,
 )
 from tuning.data.processing import Loaded, Processing, prepare_processing
+from tuning.data.readers.preference import STAGES
 from tuning.families import AUTO, GROUNDING_STYLES
 
 
 @dataclass
 class DataArguments:
+    stage: str = field(
+        default="sft",
+        metadata={
+            "help": 'sft: supervised fine-tuning (and {"text"} records, pre-training); pt: the same. dpo: preference '
+            "pairs (DPO and its family, ORPO, SimPO: --pref_loss); kto: unpaired completions with a desirable label "
+            "(pairs are unpaired); rm: a reward model from pairs. Each stage reads only its kind of records.",
+            "choices": list(STAGES),
+        },
+    )
     data_path: list[str] = field(
         default_factory=lambda: ["data/example.json"],
         metadata={

@@ -184,13 +184,14 @@ def _remove_abandoned(root: Path, older_than_s: float = 24 * 3600) -> None:
 
 
 def _media_record(sample: Sample) -> bytes:
-    if not (sample.images or sample.videos):
+    if not (sample.images or sample.videos or sample.preference):
         return b""
     record = {
         "images": [_ref_record(ref) for ref in sample.images],
         "videos": [_ref_record(ref) for ref in sample.videos],
         "origin": list(sample.origin),
         "truncated": sample.truncated,
+        "preference": sample.preference,
     }
     for key, value in sample.media.items():
         record[key] = value.tolist() if hasattr(value, "tolist") else value
@@ -215,6 +216,7 @@ def _with_media_record(sample: Sample, data: bytes) -> Sample:
     sample.images = [_ref_from_record(r) for r in record["images"]]
     sample.videos = [_ref_from_record(r) for r in record["videos"]]
     sample.origin, sample.truncated = tuple(record["origin"]), record["truncated"]
+    sample.preference = record.get("preference")
     for key in ("image_grid_thw", "video_grid_thw"):
         if key in record:
             sample.media[key] = torch.tensor(record[key])

@@ -137,3 +137,36 @@ class FlatteningCollator:
     @staticmethod
     def _token_types(feature: dict) -> list[int]:
         return feature.get("mm_token_type_ids") or [0] * len(feature["input_ids"])
+
+
+@dataclass
+class PairCollator:
+    """Preference pairs through one forward: every pair's chosen and rejected sequence, in that order, collated by
+    `inner` (padding-free packed, or padded, as for SFT). Adds `sequence_index`, shaped as `labels`: which sequence
+    (2i chosen, 2i+1 rejected of pair i) each token belongs to, -1 for none (padding, a placeholder picture);
+    `margin` per pair; `reference_log_probs` (pairs, 2) where the dataset holds them precomputed."""
+
+    inner: Callable[[list[dict]], dict]
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        sequences = [side for pair in pairs for side in (pair["chosen"], pair["rejected"])]
+        batch = self.inner(sequences)
+        batch["sequence_index"] = sequence_index(batch["labels"], [len(s["input_ids"]) for s in sequences])
+        batch["margin"] = torch.tensor([pair["margin"] for pair in pairs], dtype=torch.float32)
+        if all("reference" in pair for pair in pairs):
+            batch["reference_log_probs"] = torch.tensor([pair["reference"] for pair in pairs], dtype=torch.float32)
+        return batch
+
+
+def sequence_index(labels: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """For each token of a collated batch, the number of the sequence it belongs to (-1: none). A batch of one row
+    holding several sequences is packed (end to end, then anything appended after them); else row i is sequence i,
+    padded at its end."""
+    index = torch.full_like(labels, -1)
+    if labels.shape[0] == 1 and len(lengths) > 1:
+        packed = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        index[0, : len(packed)] = packed
+        return index
+    for row, length in enumerate(lengths):
+        index[row, :length] = row
+    return index

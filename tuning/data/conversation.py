@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tuning.data.errors import DataError
 
@@ -81,6 +81,24 @@ class Conversation:
     add_vision_id: bool = False  # the source labelled its pictures "Picture N:"
     tools: list[dict] | None = None  # OpenAI-style function specs, passed to the chat template
     ignored_fields: tuple[str, ...] = ()  # unknown keys skipped under --ignore_unknown_fields
+    # Preference data (tuning.data.readers.preference): `messages` is the prompt (its first `prompt_length`
+    # messages) and the chosen completion, or, unpaired, the completion that `label` judges; `rejected` is the
+    # rejected side, its prompt (the same, or with other pictures: ms-swift's rejected_images) and completion.
+    prompt_length: int | None = None
+    rejected: list[Message] | None = None
+    label: bool | None = None  # KTO: whether the completion is desirable
+    margin: float | None = None  # reward models: how much better chosen is (Llama 2's margin loss)
+
+    @property
+    def kind(self) -> str:
+        """'pair' (chosen and rejected), 'unpaired' (one completion and its label) or 'sft'."""
+        if self.rejected is not None:
+            return "pair"
+        return "unpaired" if self.label is not None else "sft"
+
+    def side(self, rejected: bool) -> Conversation:
+        """The chosen (or the rejected) side, prompt and completion, as a conversation of its own."""
+        return replace(self, messages=self.rejected if rejected else self.messages, rejected=None)
 
     @property
     def images(self) -> list[ImageRef]:

@@ -33,7 +33,15 @@ from tuning.data.formats import Conversation, iter_conversations
 from tuning.data.grounding import uses_grounding
 from tuning.data.report import DataReport
 
-__all__ = ["DataReport", "EncodedDataset", "ReadData", "build_dataset", "encode_dataset", "read_conversations"]
+__all__ = [
+    "DataReport",
+    "EncodedDataset",
+    "PreferencePairs",
+    "ReadData",
+    "build_dataset",
+    "encode_dataset",
+    "read_conversations",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +86,10 @@ class EncodedDataset(Dataset):
         return _Samples(self)
 
     def features(self, index: int) -> dict:
-        sample = self.sample(index)
+        return self.features_of(self.sample(index))
+
+    def features_of(self, sample: Sample) -> dict:
+        """A sample's features, its pixel values computed now."""
         try:
             return sample_to_features(sample, self.encoder.pixels(sample))
         except DataError as e:
@@ -90,6 +101,44 @@ class EncodedDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         return [self.features(i) for i in indices]
+
+
+class PreferencePairs(Dataset):
+    """Pairs of an encoded preference set (tuning.data.encode writes each pair as its chosen, then its rejected
+    sample): item i is {"chosen": features, "rejected": features, "margin"} and, once computed
+    (`reference_log_probs`), the reference model's log-probabilities of both answers."""
+
+    def __init__(self, samples: EncodedDataset):
+        self.samples = samples
+        self.reference_log_probs = None  # (pairs, 2) float array: chosen, rejected; set by the preference trainer
+        if len(samples) % 2:
+            raise ValueError(f"{len(samples)} samples cannot be pairs: the cache entry is not of preference pairs")
+
+    def __len__(self) -> int:
+        return len(self.samples) // 2
+
+    @property
+    def lengths(self) -> list[int]:
+        """Both answers' tokens of each pair: the two sequences train in the same batch."""
+        lengths = self.samples.lengths
+        return [a + b for a, b in zip(lengths[::2], lengths[1::2], strict=True)]
+
+    def __getitem__(self, index: int) -> dict:
+        chosen, rejected = self.samples.sample(2 * index), self.samples.sample(2 * index + 1)
+        sides = (chosen.preference or {}).get("side"), (rejected.preference or {}).get("side")
+        if sides != ("chosen", "rejected"):
+            raise ValueError(f"samples {2 * index} and {2 * index + 1} are {sides}, not a chosen and a rejected answer")
+        item = {
+            "chosen": self.samples.features_of(chosen),
+            "rejected": self.samples.features_of(rejected),
+            "margin": float(chosen.preference.get("margin", 0.0)),
+        }
+        if self.reference_log_probs is not None:
+            item["reference"] = tuple(float(v) for v in self.reference_log_probs[index])
+        return item
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [self[i] for i in indices]
 
 
 class _Samples(Sequence):
@@ -116,16 +165,18 @@ class ReadData:
     ignore_unknown_fields: bool = False
     uses_grounding: bool = False
     fingerprints: list[str] = field(default_factory=list)
+    stage: str = "sft"  # which records train (tuning.data.formats.parse_record)
 
     def conversations(self) -> Iterator[Conversation]:
-        return (c for c in iter_conversations(self.paths, self.ignore_unknown_fields) if isinstance(c, Conversation))
+        found = iter_conversations(self.paths, self.ignore_unknown_fields, self.stage)
+        return (c for c in found if isinstance(c, Conversation))
 
     @property
     def usable_records(self) -> int:
         return self.report.read - len(self.errors)
 
     def key(self) -> dict:
-        return {"files": self.fingerprints, "ignore_unknown_fields": self.ignore_unknown_fields}
+        return {"files": self.fingerprints, "ignore_unknown_fields": self.ignore_unknown_fields, "stage": self.stage}
 
 
 def read_conversations(
@@ -134,9 +185,11 @@ def read_conversations(
     cache_root: Path | None = None,
     wait: bool = False,
     show_progress: bool = False,
+    stage: str = "sft",
 ) -> ReadData:
     """Count and check every record of the files, streaming them; where `cache_root` holds the count of these very
-    files, it is read instead. Raises FileNotFoundError for a missing file."""
+    files, it is read instead. `stage` says which records train (sft: supervised ones; dpo, kto, rm: preference
+    ones). Raises FileNotFoundError for a missing file."""
     paths = [str(p) for p in paths]
     for path in paths:
         if not Path(path).exists():
@@ -144,11 +197,11 @@ def read_conversations(
     # the path is in the key too: errors name it, and relative picture paths resolve against its folder
     fingerprints = [f"{Path(p).resolve()}:{cache.file_fingerprint(p)}" for p in paths]
     key = "scan-" + cache.key_of(
-        {"files": fingerprints, "ignore": ignore_unknown_fields, "code": cache.code_fingerprint()}
+        {"files": fingerprints, "ignore": ignore_unknown_fields, "stage": stage, "code": cache.code_fingerprint()}
     )
 
     def scanned() -> ReadData:
-        read = _scan(paths, ignore_unknown_fields, show_progress)
+        read = _scan(paths, ignore_unknown_fields, show_progress, stage)
         read.fingerprints = fingerprints
         if cache_root is not None:
             _save_scan(cache_root / f"{key}.json", read)
@@ -159,11 +212,11 @@ def read_conversations(
     return cache.shared(cache_root, key, lambda: _load_scan(cache_root / f"{key}.json", paths), scanned, wait)
 
 
-def _scan(paths: list[str], ignore_unknown_fields: bool, show_progress: bool) -> ReadData:
-    read = ReadData(DataReport(files=paths), [], paths, ignore_unknown_fields)
+def _scan(paths: list[str], ignore_unknown_fields: bool, show_progress: bool, stage: str) -> ReadData:
+    read = ReadData(DataReport(files=paths), [], paths, ignore_unknown_fields, stage=stage)
     counts = [estimate_records(p) for p in paths] if show_progress else []
     total = sum(counts) if counts and None not in counts else None
-    items = iter_conversations(paths, ignore_unknown_fields)
+    items = iter_conversations(paths, ignore_unknown_fields, stage)
     for item in tqdm(items, total=total, desc="reading", unit=" records", delay=2, disable=not show_progress):
         read.report.read += 1
         if isinstance(item, DataError):
@@ -181,6 +234,7 @@ def _save_scan(path: Path, read: ReadData) -> None:
         "uses_grounding": read.uses_grounding,
         "fingerprints": read.fingerprints,
         "ignore_unknown_fields": read.ignore_unknown_fields,
+        "stage": read.stage,
     }
     partial = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     partial.write_text(json.dumps(data), encoding="utf-8")
@@ -195,7 +249,8 @@ def _load_scan(path: Path, paths: list[str]) -> ReadData | None:
     report = DataReport.from_dict(data["report"], [])
     report.files = paths
     errors = [DataError(**e) for e in data["errors"]]
-    return ReadData(report, errors, paths, data["ignore_unknown_fields"], data["uses_grounding"], data["fingerprints"])
+    ignore, grounding, fingerprints = data["ignore_unknown_fields"], data["uses_grounding"], data["fingerprints"]
+    return ReadData(report, errors, paths, ignore, grounding, fingerprints, data["stage"])
 
 
 _worker_encoder: Encoder | None = None
@@ -362,9 +417,10 @@ def build_dataset(
     workers: int = 1,
     ignore_unknown_fields: bool = False,
     cache_root: Path | None = None,
+    stage: str = "sft",
 ) -> tuple[EncodedDataset, DataReport]:
     """Read, validate and encode every sample of the files (read_conversations, then encode_dataset)."""
-    read = read_conversations(paths, ignore_unknown_fields, cache_root)
+    read = read_conversations(paths, ignore_unknown_fields, cache_root, stage=stage)
     return encode_dataset(
         read,
         encoder,

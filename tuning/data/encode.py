@@ -50,6 +50,8 @@ class Sample:
     images: list[ImageRef] = field(default_factory=list)  # the pictures and videos it shows, to compute pixels from
     videos: list[VideoRef] = field(default_factory=list)
     origin: tuple[str, str] = ("", "")  # (file, "line N"): for an error found when its pixels are computed
+    # preference data: {"side": "chosen" | "rejected" | "completion", "label": bool (unpaired), "margin": float}
+    preference: dict | None = None
 
     @property
     def pixel_values(self) -> torch.Tensor | None:
@@ -168,6 +170,11 @@ class Encoder:
                 return [self._encode_pretrain(conv)], []
             except DroppedSample as e:
                 return [], [e]
+        if conv.kind != "sft":
+            try:
+                return self._encode_preference(conv), []
+            except DroppedSample as e:
+                return [], [e]
         media = self.media.plan(conv)  # pixel values are computed per batch (Encoder.pixels), never held for a set
         messages = self._template_messages(conv, media.original_sizes, self.media.resized_sizes(media))
         try:
@@ -244,6 +251,74 @@ class Encoder:
         if media.features and self.media.token_types_input:
             inputs[self.media.token_types_input] = torch.tensor([self.token_types(ids)])
         return self._with_cross_attention({**inputs, **media.features}, ids)
+
+    # -- preference data ----------------------------------------------------------------------------
+
+    def _encode_preference(self, conv: Conversation) -> list[Sample]:
+        """A pair as two samples, chosen then rejected (an unpaired record as one): each the prompt exactly as at
+        inference and its completion's answers supervised, as SFT supervises a turn. The two share the prompt's
+        ids, and neither is ever cut: a pair that does not fit is dropped or refused whole (--overlong)."""
+        sides = ["chosen", "rejected"] if conv.kind == "pair" else ["completion"]
+        samples = [self._side_sample(conv, side) for side in sides]
+        longest = max(len(s.input_ids) for s in samples)
+        if longest > self.max_length:
+            lengths = ", ".join(f"{s.preference['side']} {len(s.input_ids)}" for s in samples)
+            why = f"{self._overlong_reason(max(samples, key=lambda s: len(s.input_ids)))} ({lengths} tokens)"
+            if self.overlong == "error":
+                raise conv.error(why, "use --overlong drop to drop such pairs, whole and reported")
+            raise DroppedSample(conv.id, why)
+        if len(samples) == 2:
+            self._check_shared_prompt(conv, *samples)
+        for sample in samples:
+            sample.preference.update({"label": conv.label} if conv.label is not None else {})
+            sample.preference.update({"margin": conv.margin} if conv.margin is not None else {})
+        return samples
+
+    def _side_sample(self, conv: Conversation, side: str) -> Sample:
+        shown = conv.side(side == "rejected")
+        media = self.media.plan(shown)
+        messages = self._template_messages(shown, media.original_sizes, self.media.resized_sizes(media))
+        trained = [i for i in range(conv.prompt_length, len(messages)) if messages[i]["role"] == "assistant"]
+        try:
+            rendered = self.template.samples(messages, trained, tools=conv.tools, add_vision_id=conv.add_vision_id)
+        except TemplateError as e:
+            raise conv.error(e.problem, e.fix, e.message_index, side) from None
+        if len(rendered) != 1:
+            raise conv.error(
+                f"{self.template.described} rewrites the earlier turns of this {side} completion when it renders "
+                "the later ones, so the completion is no single sequence to score",
+                "give completions of one assistant answer (or answers the template renders in place)",
+                field=side,
+            )
+        images, videos = len(media.images), len(media.videos)
+        tokens = self._tokenize(shown, rendered[0], media.image_texts, media.video_texts)
+        sample = Sample(conv.id, tokens.ids, tokens.labels, media.first(images, videos), preference={"side": side})
+        sample = _with_refs(sample, media, shown, images, videos)
+        if sample.num_images or sample.num_videos:
+            sample.mm_token_type_ids = self.token_types(sample.input_ids)
+        return sample
+
+    def _check_shared_prompt(self, conv: Conversation, chosen: Sample, rejected: Sample) -> None:
+        """Both answers follow the same prompt ids (TRL #2054: where the two renderings differ, one side trains
+        on another context); with other pictures for the rejected side (ms-swift's rejected_images) the prompts
+        differ by design."""
+        if chosen.images != rejected.images or chosen.videos != rejected.videos:
+            return
+        starts = [next(i for i, label in enumerate(s.labels) if label != IGNORE_INDEX) for s in (chosen, rejected)]
+        if starts[0] != starts[1] or chosen.input_ids[: starts[0]] != rejected.input_ids[: starts[1]]:
+            raise conv.error(
+                f"{self.template.described} renders the prompt differently before the chosen and the rejected "
+                f"answer ({starts[0]} and {starts[1]} prompt tokens), so the two would be scored in different contexts",
+                "check that both answers follow the same prompt messages; a template that changes the history by the "
+                "answer cannot train preferences",
+                field="rejected",
+            )
+        if chosen.input_ids == rejected.input_ids:
+            raise conv.error(
+                "the chosen and the rejected answers encode to the same tokens, so there is nothing to prefer",
+                "give a rejected answer that differs, or drop the record",
+                field="rejected",
+            )
 
     # -- rendering --------------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ Formats are detected per record, so files may mix them (tuning/data/readers/ hol
 - query-response: {"query", "response", "history", "system"} (ms-swift)
 - swift-sharegpt: {"system", "conversation": [{"human", "assistant"}]} (ms-swift)
 - text:           {"text"} for pre-training, loss on every token
+- preference:     prompt/chosen/rejected pairs and unpaired (KTO) records of TRL, LLaMA-Factory and ms-swift
+                  (tuning/data/readers/preference.py), read for --stage dpo, kto and rm only
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tuning.data.readers.chat import format_name, read_chat, read_turns, turns_s
 from tuning.data.readers.common import METADATA_KEYS, Reading, refuse_unsupported
 from tuning.data.readers.media import place_listed_media, place_objects, refuse_audio_placeholders
 from tuning.data.readers.pairs import read_alpaca, read_query_response, read_swift_sharegpt
+from tuning.data.readers.preference import preference_format, read_preference
 
 __all__ = [
     "BoxRef",
@@ -46,8 +49,11 @@ KNOWN_FORMATS = (
 )
 
 
-def parse_record(record, file: str, where: str, index: int, ignore_unknown_fields: bool = False) -> Conversation:
-    """Turn one record into a Conversation, or raise a DataError that says what is wrong."""
+def parse_record(
+    record, file: str, where: str, index: int, ignore_unknown_fields: bool = False, stage: str = "sft"
+) -> Conversation:
+    """Turn one record into a Conversation, or raise a DataError that says what is wrong. `stage` (sft, pt, dpo, kto,
+    rm) says which records may train: preference records only a preference stage, and the other way round."""
     if isinstance(record, DataError):
         raise record
     sample_id = record.get("id", f"{Path(file).stem}-{index}") if isinstance(record, dict) else None
@@ -59,11 +65,16 @@ def parse_record(record, file: str, where: str, index: int, ignore_unknown_field
     )
     reading = Reading(conv, str(Path(file).resolve().parent), ignore_unknown_fields)
     if isinstance(record, list):  # XTuner's openai_sft.jsonl: each line a bare list of messages
+        refuse_unsupported(reading, {}, None, stage)
         conv.format = "message-list"
         return _finish(reading, read_turns(reading, record), {})
     if not isinstance(record, dict):
         raise conv.error(f"expected a JSON object, found {type(record).__name__}", "one sample per object")
-    refuse_unsupported(reading, record)
+    preference = preference_format(record)
+    refuse_unsupported(reading, record, preference, stage)
+    if preference is not None:
+        read_preference(reading, record, preference, stage)
+        return conv
     for key in ("conversations", "messages"):
         if key in record:
             turns = record[key]
@@ -107,13 +118,13 @@ def _pretraining(reading: Reading, record: dict) -> Conversation:
 
 
 def iter_conversations(
-    paths: Iterable[str | Path], ignore_unknown_fields: bool = False
+    paths: Iterable[str | Path], ignore_unknown_fields: bool = False, stage: str = "sft"
 ) -> Iterator[Conversation | DataError]:
     """Every sample of every file, as a Conversation or as the DataError that describes it."""
     for path in paths:
         file = str(path)
         for index, (where, record) in enumerate(read_records(path)):
             try:
-                yield parse_record(record, file, where, index, ignore_unknown_fields)
+                yield parse_record(record, file, where, index, ignore_unknown_fields, stage)
             except DataError as e:
                 yield e

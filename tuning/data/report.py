@@ -28,6 +28,7 @@ class DataReport:
     videos: int = 0
     formats: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> detected format -> records
     ignored_fields: dict[str, int] = field(default_factory=dict)  # --ignore_unknown_fields: key -> samples
+    preference: dict[str, int] = field(default_factory=dict)  # pairs, desirable and undesirable completions
     lengths: list[int] = field(default_factory=list, repr=False)
     added_tokens: list[str] = field(default_factory=list)
     cache: str = ""  # the entry the samples are read from
@@ -43,6 +44,11 @@ class DataReport:
         self.lengths.append(len(sample.input_ids))
         if sample.truncated:
             self.truncated.append(sample.id)
+        if sample.preference is not None:
+            side = sample.preference["side"]
+            if side != "rejected":
+                kind = "pairs" if side == "chosen" else ("desirable" if sample.preference["label"] else "undesirable")
+                self.preference[kind] = self.preference.get(kind, 0) + 1
 
     def count_read(self, conv: Conversation) -> None:
         per_file = self.formats.setdefault(conv.file, {})
@@ -61,7 +67,7 @@ class DataReport:
         split = (
             f" -> {self.samples} training samples (the chat template rewrites earlier turns, so some "
             "conversations train in several samples)"
-            if self.samples > self.usable
+            if self.samples > self.usable and not self.preference
             else ""
         )
         lines = [f"data: {', '.join(self.files)}"]
@@ -77,6 +83,8 @@ class DataReport:
             f"dropped {len(self.dropped)}, bad {len(self.bad)}",
             f"  tokens {self.tokens} (supervised {self.supervised_tokens}), images {self.images}, videos {self.videos}",
         ]
+        if self.preference:
+            lines.append("  preference: " + ", ".join(f"{kind} {count}" for kind, count in self.preference.items()))
         if self.lengths:
             lines.append("  length " + ", ".join(f"{k} {v}" for k, v in self.percentiles().items()))
         if self.ignored_fields:

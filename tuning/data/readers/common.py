@@ -86,18 +86,23 @@ def trained_flag(reading: Reading, turn: dict, role: str, index: int) -> bool:
     return trained
 
 
-def refuse_unsupported(reading: Reading, record: dict) -> None:
-    """Preference, KTO and audio data must never train as plain SFT."""
-    preference = [k for k in PREFERENCE_KEYS if k in record]
-    if "label" in record and ("messages" in record or "conversations" in record):
-        preference.append("label")
-    if preference:
+def refuse_unsupported(reading: Reading, record: dict, preference: str | None, stage: str) -> None:
+    """Preference and KTO data never train as plain SFT, nor SFT data as a preference stage; audio not at all."""
+    if preference is not None and stage in ("sft", "pt"):
+        found = [k for k in (*PREFERENCE_KEYS, "label") if k in record]
         raise reading.error(
-            f"preference data (field(s) {', '.join(preference)}): this is for DPO, KTO or reward-model training, "
+            f"preference data (field(s) {', '.join(found)}): this is for DPO, KTO or reward-model training, "
             "and training it as supervised fine-tuning would teach the answers it marks as bad",
-            "use supervised data (a prompt and the answer to learn), or drop the rejected answers and the label "
-            "and keep only the answers to learn",
-            field=preference[0],
+            "train it with --stage dpo (or kto, rm); or for supervised fine-tuning drop the rejected answers and "
+            "the label and keep only the answers to learn",
+            field=found[0] if found else None,
+        )
+    if preference is None and stage not in ("sft", "pt"):
+        raise reading.error(
+            f"supervised data (no chosen and rejected answers, no label) given to --stage {stage}, which learns "
+            "from preferences",
+            "give preference records (prompt, chosen, rejected; for KTO a completion and its label), or train this "
+            "data with --stage sft",
         )
     if "audios" in record:
         raise reading.error(

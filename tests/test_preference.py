@@ -1,0 +1,301 @@
+"""The preference stage: the chunked log-probabilities, every --pref_loss against TRL 1.16, the reference rules and
+packed against padded scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tuning.loss import LogitTransform, _LinearTokenLogProbs
+from tuning.preference import DPO_LOSSES, PreferenceArguments, Scores, preference_loss
+
+FIXTURES = Path(__file__).parent / "fixtures" / "preference"
+
+
+def test_chunked_token_log_probs_and_their_gradients_equal_the_full_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=True).double()
+    targets = torch.randint(0, 50, (37,))
+    upstream = torch.randn(37, dtype=torch.float64)
+    for transform in (LogitTransform(), LogitTransform(scale=0.5, cap=3.0)):
+        values, means = _LinearTokenLogProbs.apply(hidden, head.weight, head.bias, targets, 8, transform)
+        grads = torch.autograd.grad((values * upstream).sum(), [hidden, head.weight, head.bias])
+        logits = transform(head(hidden).float()).double()
+        expected = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        expected_grads = torch.autograd.grad((expected * upstream).sum(), [hidden, head.weight, head.bias])
+        assert torch.allclose(values.double(), expected, atol=1e-5)
+        assert torch.allclose(means.double(), logits.mean(-1), atol=1e-5)
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def scores(seed: int) -> tuple[Scores, Scores]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, 30, (2, 6), generator=g).float()
+    policy = -torch.rand(2, 6, generator=g) * tokens * 2
+    reference = policy + torch.randn(2, 6, generator=g)
+    return Scores(policy[0], policy[1], tokens[0], tokens[1]), Scores(reference[0], reference[1], tokens[0], tokens[1])
+
+
+def test_orpo_and_simpo_equal_trl_cpo_and_orpo_trainers_on_mean_log_probabilities():
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    policy, _ = scores(1)
+    mean = policy.averaged()
+    trl = SimpleNamespace(beta=2.0, simpo_gamma=0.5, label_smoothing=0.1, alpha=0.0, loss_type="simpo")
+    trl.accelerator = SimpleNamespace(device="cpu")
+    ours = preference_loss(
+        PreferenceArguments(pref_loss="simpo", pref_beta=2.0, simpo_gamma=0.5, dpo_label_smoothing=0.1), policy, None
+    )
+    expected, chosen, rejected = CPOTrainer.cpo_loss(trl, mean.chosen, mean.rejected)
+    assert torch.allclose(ours.losses, expected, atol=1e-6)
+    assert torch.allclose(ours.chosen_rewards, chosen) and torch.allclose(ours.rejected_rewards, rejected)
+    trl.beta = 0.1
+    ours = preference_loss(PreferenceArguments(pref_loss="orpo", pref_beta=0.1), policy, None)
+    losses, chosen, _, ratio, log_odds = ORPOTrainer.odds_ratio_loss(trl, mean.chosen, mean.rejected)
+    assert torch.allclose(ours.losses, -losses, atol=1e-6)  # TRL subtracts its term from the NLL
+    assert torch.allclose(ours.metrics["log_odds_ratio"], ratio) and torch.allclose(
+        ours.metrics["log_odds_chosen"], log_odds
+    )
+
+
+def test_orpo_stays_finite_where_an_answer_is_certain():
+    certain = Scores(torch.tensor([0.0, -1e-9]), torch.tensor([-3.0, -1e-12]), torch.ones(2), torch.ones(2))
+    result = preference_loss(PreferenceArguments(pref_loss="orpo"), certain, None)
+    assert torch.isfinite(result.losses).all()
+
+
+def test_cdpo_label_smoothing_is_the_flipped_label_mixture():
+    policy, reference = scores(2)
+    options = PreferenceArguments(pref_loss="sigmoid", pref_beta=0.5, dpo_label_smoothing=0.2)
+    logits = 0.5 * ((policy.chosen - reference.chosen) - (policy.rejected - reference.rejected))
+    expected = -0.8 * torch.nn.functional.logsigmoid(logits) - 0.2 * torch.nn.functional.logsigmoid(-logits)
+    assert torch.allclose(preference_loss(options, policy, reference).losses, expected)
+
+
+# -- against TRL's DPOTrainer on the same model and batch ------------------------------------------------------
+
+
+def build(argv: list[str]):
+    """A run's phases up to its trainer, as finetune.train calls them."""
+    from finetune import parse_arguments
+    from tuning import recipe
+
+    args = parse_arguments(argv)
+    resume = recipe.start(args)
+    data = recipe.read_data(args)
+    processing = recipe.prepare_processing(args, data)
+    datasets = recipe.build_datasets(args, data, processing)
+    model = recipe.build_model(args, processing)
+    return recipe.build_trainer(args, processing, datasets, model, resume)
+
+
+def dpo_argv(model: Path, data: Path, out: Path, *flags: str) -> list[str]:
+    return [
+        "--stage", "dpo", "--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out),
+        "--dataset_cache_dir", "none", "--report_to", "none", "--per_device_train_batch_size", "3",
+        "--save_strategy", "no", *flags,
+    ]  # fmt: skip
+
+
+def perturb(model, seed: int = 1) -> None:
+    """The same small change of every trained weight, by name: the policy moves away from its reference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def batch_of(trainer, indices=(0, 1, 2)) -> dict:
+    return trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in indices]))
+
+
+def our_loss(trainer, inputs, **options) -> tuple[float, dict]:
+    for name, value in options.items():
+        setattr(trainer.preference, name, value)
+    trainer.model.train()
+    with torch.no_grad():
+        loss, metrics = trainer.batch_loss(trainer.model, inputs)
+    return loss.item(), {k: v.item() for k, v in metrics.items()}
+
+
+@pytest.fixture(scope="module")
+def trl_and_ours(tiny_text, tmp_path_factory):
+    """TRL 1.16's DPOTrainer and ours, full fine-tuning on the tiny Qwen2 (ChatML, a system prompt and history), the
+    policies moved alike from their references. TRL's answers end with the newline after <|im_end|>, which our rule
+    leaves to the next context (as in SFT): it is taken out of TRL's answers, so both score the same tokens."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    out = tmp_path_factory.mktemp("dpo")
+    data = FIXTURES / "trl_conversational.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
+    config = DPOConfig(
+        output_dir=str(out / "trl"), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=3, max_length=None, beta=0.1,
+    )  # fmt: skip
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(tiny_text, dtype=torch.float32)
+    trl = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    newline = tokenizer.convert_tokens_to_ids("Ċ")
+
+    def without_newline(example):
+        assert example["chosen_ids"][-1] == newline and example["rejected_ids"][-1] == newline
+        return {"chosen_ids": example["chosen_ids"][:-1], "rejected_ids": example["rejected_ids"][:-1]}
+
+    trl.train_dataset = trl.train_dataset.map(without_newline)
+    ours = build(dpo_argv(tiny_text, data, out / "ours"))
+    for trainer in (trl, ours):
+        perturb(trainer.model)
+    return trl, ours
+
+
+def trl_loss(trl, loss_type: str, **options) -> tuple[float, dict]:
+    trl.loss_types, trl.loss_weights = [loss_type], [1.0]
+    for name, value in options.items():
+        setattr(trl, name, value)
+    inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(3)]))
+    trl.model.train()
+    trl._metrics["train"].clear()
+    with torch.no_grad():
+        loss = trl.compute_loss(trl.model, inputs)
+    return loss.item(), {k: v[-1] for k, v in trl._metrics["train"].items()}
+
+
+METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"]
+METRICS += ["logps/rejected", "logits/chosen", "logits/rejected"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", DPO_LOSSES)
+def test_each_dpo_loss_and_its_metrics_equal_trl(trl_and_ours, loss_type):
+    trl, ours = trl_and_ours
+    expected, trl_metrics = trl_loss(trl, loss_type)
+    got, metrics = our_loss(ours, batch_of(ours), pref_loss=loss_type)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)  # sppo_hard squares log-ratios of about 12
+    for key in METRICS:
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-4), key
+    assert metrics["rewards/margins"] != 0  # the policies really moved
+
+
+@pytest.mark.slow
+def test_ld_dpo_robust_smoothing_and_the_sft_term_equal_trl(trl_and_ours):
+    trl, ours = trl_and_ours
+    expected, _ = trl_loss(trl, "sigmoid", ld_alpha=0.3)
+    assert our_loss(ours, batch_of(ours), pref_loss="sigmoid", ld_alpha=0.3)[0] == pytest.approx(expected, abs=1e-5)
+    expected, _ = trl_loss(trl, "robust", ld_alpha=None, label_smoothing=0.2)
+    got, _ = our_loss(ours, batch_of(ours), pref_loss="robust", ld_alpha=None, dpo_label_smoothing=0.2)
+    assert got == pytest.approx(expected, abs=1e-5)
+    trl.label_smoothing = 0.0
+    sigmoid, _ = trl_loss(trl, "sigmoid")
+    sft, _ = trl_loss(trl, "sft")  # TRL's rpo: ["sigmoid", "sft"] weighted [1, alpha]
+    got, metrics = our_loss(ours, batch_of(ours), pref_loss="sigmoid", dpo_label_smoothing=0.0, pref_ftx=0.5)
+    assert got == pytest.approx(sigmoid + 0.5 * sft, abs=1e-5)
+    assert metrics["nll_loss"] == pytest.approx(sft, abs=1e-5)
+    ours.preference.pref_ftx = 0.0
+
+
+@pytest.mark.slow
+def test_at_the_start_the_loss_is_ln2_and_the_rewards_zero(tiny_text, tmp_path):
+    trainer = build(dpo_argv(tiny_text, FIXTURES / "trl_conversational.jsonl", tmp_path, "--use_lora", "True"))
+    loss, metrics = our_loss(trainer, batch_of(trainer))
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == metrics["rewards/margins"] == 0
+
+
+# -- the reference ----------------------------------------------------------------------------------------------
+
+
+def sequence_scores(model, inputs) -> torch.Tensor:
+    from tuning.preference import scores_of, sequence_log_probs
+
+    with torch.no_grad():
+        values, sequences, _ = sequence_log_probs(model, inputs)
+    found = scores_of(values, sequences, len(inputs["margin"]))
+    return torch.stack([found.chosen, found.rejected], 1)
+
+
+@pytest.mark.slow
+def test_the_reference_is_the_starting_weights(tiny_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = FIXTURES / "trl_conversational.jsonl"
+    from tuning.attention import attend_per_sample
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_text, dtype=torch.float32)
+    attend_per_sample(base)  # it reads packed rows, as the policy does
+    # a fresh adapter: the reference is the model with it switched off, which is the base
+    fresh = build(dpo_argv(tiny_text, data, tmp_path / "fresh", "--use_lora", "True", "--lora_alpha", "64"))
+    perturb(fresh.model)  # the adapter moved: the reference must not
+    inputs = batch_of(fresh)
+    with fresh.reference.forward_of(fresh.model) as reference:
+        switched_off = sequence_scores(reference, inputs)
+    assert torch.allclose(switched_off, sequence_scores(base, inputs), atol=1e-5)
+    assert not torch.allclose(sequence_scores(fresh.model, inputs), switched_off)
+    # continuing from an adapter: the reference is that adapter's model, computed before the first step
+    fresh.model.save_pretrained(tmp_path / "adapter")
+    flags = ["--use_lora", "True", "--lora_weight_path", str(tmp_path / "adapter"), "--max_steps", "1"]
+    continued = build(dpo_argv(tiny_text, data, tmp_path / "continued", *flags))
+    assert continued.reference.kind == "policy" and continued.reference.precompute
+    starting = sequence_scores(continued.model.eval(), inputs)
+    continued.train()
+    assert torch.allclose(continued.train_dataset.reference_log_probs, starting, atol=1e-5)
+    assert not torch.allclose(starting, sequence_scores(base, inputs), atol=1e-3)  # not the bare base
+    # full fine-tuning: a frozen copy of the starting model
+    full = build(dpo_argv(tiny_text, data, tmp_path / "full"))
+    perturb(full.model)
+    assert torch.allclose(sequence_scores(full.reference.model, inputs), sequence_scores(base, inputs), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_precomputed_and_live_references_train_alike(tiny_text, tmp_path):
+    data = FIXTURES / "trl_conversational.jsonl"
+    losses = []
+    for precompute in ("False", "True"):
+        flags = [
+            "--use_lora",
+            "True",
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "1e-2",
+            "--seed",
+            "3",
+            "--logging_steps",
+            "1",
+        ]
+        trainer = build(
+            dpo_argv(tiny_text, data, tmp_path / precompute, *flags, "--precompute_ref_log_probs", precompute)
+        )
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert losses[0][0] == pytest.approx(math.log(2), abs=1e-5) and losses[0][-1] != losses[0][0]
+
+
+# -- packed and padded ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["text", "vl"])
+def test_packed_and_padded_pairs_score_alike(tiny_text, tiny_vl, tmp_path, kind):
+    model, data = (tiny_text, "trl_conversational.jsonl") if kind == "text" else (tiny_vl, "trl_vision.jsonl")
+    found = []
+    for packing in ("True", "False"):
+        trainer = build(
+            dpo_argv(model, FIXTURES / data, tmp_path / packing, "--use_lora", "True", "--packing", packing)
+        )
+        perturb(trainer.model)
+        inputs = batch_of(trainer)
+        assert (inputs["input_ids"].shape[0] == 1) == (packing == "True")
+        found.append(sequence_scores(trainer.model.eval(), inputs))
+    assert torch.allclose(found[0], found[1], atol=1e-5), found
