@@ -197,8 +197,21 @@ def argument_problems(model_args, data_args, training_args, lora_args, preferenc
 def stage_problems(data_args, training_args, lora_args, preference_args) -> list[str]:
     """What the chosen --stage cannot do with the other flags."""
     stage, problems = data_args.stage, []
-    if stage in ("kto", "rm"):
-        problems.append(f"--stage {stage} is not built yet: --stage dpo (with --pref_loss) trains preferences now")
+    if stage == "rm":
+        problems.append("--stage rm is not built yet: --stage dpo (with --pref_loss) or kto trains preferences now")
+    if stage == "kto":
+        if training_args.per_device_train_batch_size < 2 or training_args.per_device_eval_batch_size < 2:
+            problems.append(
+                "--stage kto needs --per_device_train_batch_size (and _eval_) of at least 2: its KL term pairs each "
+                "prompt with another completion of the batch"
+            )
+        if preference_args.precompute_ref_log_probs or lora_args.lora_weight_path:
+            problems.append(
+                "--stage kto computes its reference live: --precompute_ref_log_probs and --lora_weight_path (whose "
+                "reference would be the adapter it starts from) are not built for it yet"
+            )
+        if preference_args.pref_loss != "sigmoid":
+            problems.append("--pref_loss is for --stage dpo; KTO has its own loss")
     own_reference = not training_args.use_lora or preference_args.precompute_ref_log_probs or lora_args.lora_weight_path
     if stage == "dpo" and is_zero3(training_args) and preference_args.needs_reference and own_reference:
         problems.append(

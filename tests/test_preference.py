@@ -299,3 +299,49 @@ def test_packed_and_padded_pairs_score_alike(tiny_text, tiny_vl, tmp_path, kind)
         assert (inputs["input_ids"].shape[0] == 1) == (packing == "True")
         found.append(sequence_scores(trainer.model.eval(), inputs))
     assert torch.allclose(found[0], found[1], atol=1e-5), found
+
+
+# -- KTO ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kto_loss_kl_and_rewards_equal_trl(tiny_text, tmp_path):
+    """TRL's KTOTrainer and ours on the same four unpaired completions (one batch: the KL term pairs each prompt with
+    the completion before it in both), policies moved alike; TRL's newline after <|im_end|> taken out as for DPO."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    data = FIXTURES / "trl_unpaired_conversational.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
+    config = KTOConfig(
+        output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=4, max_length=None, beta=0.1,
+    )  # fmt: skip
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(tiny_text, dtype=torch.float32)
+    trl = KTOTrainer(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    newline = tokenizer.convert_tokens_to_ids("Ċ")
+
+    def without_newline(example):
+        assert example["completion_ids"][-1] == newline
+        return {key: example[key][:-1] for key in ("completion_ids", "KL_completion_ids")}
+
+    trl.train_dataset = trl.train_dataset.map(without_newline)
+    flags = ["--stage", "kto", "--per_device_train_batch_size", "4"]
+    ours = build([*dpo_argv(tiny_text, data, tmp_path / "ours")[2:], *flags])
+    for trainer in (trl, ours):
+        perturb(trainer.model)
+    inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(4)]))
+    trl.model.train()
+    with torch.no_grad():
+        expected = trl.compute_loss(trl.model, inputs).item()
+    trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
+    ours.model.train()
+    with torch.no_grad():
+        loss, metrics = ours.batch_loss(ours.model, batch_of(ours, range(4)))
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert metrics["kl"].item() == pytest.approx(trl_metrics["kl"], abs=1e-4)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        total, count = metrics[key]
+        assert (total / count).item() == pytest.approx(trl_metrics[key], abs=1e-4), key

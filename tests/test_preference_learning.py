@@ -4,6 +4,7 @@ picture task where only the pixels say which answer is right (blank pictures: ch
 from __future__ import annotations
 
 import subprocess
+from contextlib import nullcontext
 
 import pytest
 
@@ -48,7 +49,8 @@ def argv(model, folder, out, *flags: str) -> list[str]:
         "--stage", "dpo", "--model_name_or_path", str(model), "--data_path", str(folder / "train.jsonl"),
         "--eval_data_path", str(folder / "test.jsonl"), "--output_dir", str(out), "--use_lora", "True",
         "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "3e-3", "--dataset_cache_dir", "none",
-        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--logging_steps", "10", *flags,
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--logging_steps", "10",
+        "--eval_strategy", "no", *flags,
     ]  # fmt: skip
 
 
@@ -77,3 +79,40 @@ def test_dpo_on_pictures_learns_from_the_pixels(tmp_path, tiny_vl):
     assert trainer.evaluate()["eval_rewards/accuracies"] >= 0.9
     blank = trainer.evaluate(eval_dataset=pairs_of(args, datasets, folder / "test_blank.jsonl"))
     assert blank["eval_rewards/accuracies"] <= 0.7, blank  # the same pairs without the picture: chance is 0.5
+
+
+def held_out_accuracy(trainer, pairs) -> float:
+    """The share of held-out pairs whose chosen answer gains more log-probability over the reference than the
+    rejected one (DPO's rewards/accuracies, for a trainer of another stage)."""
+    import torch
+
+    from tuning.data.collate import PairCollator
+    from tuning.preference import scores_of, sequence_log_probs
+
+    inputs = trainer._prepare_inputs(PairCollator(trainer.data_collator.inner)([pairs[i] for i in range(len(pairs))]))
+    found = []
+    trainer.model.eval()
+    for forward in ("policy", "reference"):
+        with (
+            torch.no_grad(),
+            trainer.reference.forward_of(trainer.model)
+            if forward == "reference"
+            else nullcontext(trainer.model) as model,
+        ):
+            values, sequences, _ = sequence_log_probs(model, inputs)
+        found.append(scores_of(values, sequences, len(pairs)))
+    policy, reference = found
+    return ((policy.chosen - reference.chosen) > (policy.rejected - reference.rejected)).float().mean().item()
+
+
+def test_kto_learns_the_rule_from_unpaired_answers(tmp_path, tiny_text):
+    folder = tmp_path / "words"
+    generate("words", folder)
+    flags = ["--stage", "kto", "--data_path", str(folder / "train_unpaired.jsonl"), "--num_train_epochs", "2"]
+    flags += ["--per_device_train_batch_size", "8"]
+    args, datasets, trainer = phases([*argv(tiny_text, folder, tmp_path / "out")[2:], *flags])
+    held_out = pairs_of(args, datasets, folder / "test.jsonl")
+    assert held_out_accuracy(trainer, held_out) == 0
+    recipe.run(trainer, None, [])
+    assert held_out_accuracy(trainer, held_out) >= 0.9
+    assert trainer.evaluate()["eval_rewards/margins"] > 0

@@ -75,6 +75,14 @@ class PreferenceArguments:
         default=None,
         metadata={"help": "The reference model (a folder or hub name). Default: the starting weights (see the docs)."},
     )
+    kto_chosen_weight: float = field(
+        default=1.0,
+        metadata={"help": "--stage kto: the weight of a desirable completion's loss (TRL's desirable_weight)."},
+    )
+    kto_rejected_weight: float = field(
+        default=1.0,
+        metadata={"help": "--stage kto: the weight of an undesirable completion's loss (TRL's undesirable_weight)."},
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
@@ -85,8 +93,10 @@ class PreferenceArguments:
 
     def problems(self, stage: str) -> list[str]:
         found = []
-        if stage != "dpo":
+        if stage not in ("dpo", "kto"):
             return found
+        if stage == "kto" and min(self.kto_chosen_weight, self.kto_rejected_weight) <= 0:
+            found.append("--kto_chosen_weight and --kto_rejected_weight must be positive")
         if self.pref_beta <= 0:
             found.append(f"--pref_beta must be positive, got {self.pref_beta}")
         if not 0 <= self.dpo_label_smoothing < 0.5:
@@ -267,18 +277,78 @@ class Reference:
             yield policy
 
 
-class PreferenceLoss:
-    """compute_loss for --stage dpo: one forward of both answers of every pair, the reference's scores (live, under
-    no_grad, or precomputed), --pref_loss with TRL's metrics, logged at each logging step and at evaluation."""
+class StageLoss:
+    """What the preference stages share: their loss is a mean over the batch (so the Trainer divides it by the
+    accumulation steps), the reference, the metrics each batch stores and each log averages (eval_ at evaluation,
+    across the ranks), evaluation by the same loss."""
 
     def __init__(self, *args, preference: PreferenceArguments, reference: Reference, loss_impl="chunked", **kwargs):
         self.preference, self.reference, self.loss_impl = preference, reference, loss_impl
         super().__init__(*args, **kwargs)
-        # the loss is a mean over each batch's pairs, so the Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.stored_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if reference.model is not None and not reference.precompute:
             reference.model.to(self.args.device)
+
+    def batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.batch_loss(model, inputs)
+        self._store(metrics, "train" if model.training else "eval")
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self.batch_loss(model, inputs)
+        self._store(metrics, "eval")
+        return loss.detach(), None, None
+
+    def _log_probs(self, model, inputs):
+        chunked = self.loss_impl == "chunked"
+        try:
+            return sequence_log_probs(model, inputs, chunked)
+        except LogitTransformMismatch as e:
+            logger.warning("the full logits score this model's answers, not the chunked head: %s", e)
+            self.loss_impl = "plain"
+            return sequence_log_probs(model, inputs, chunked=False)
+
+    def _reference_log_probs(self, model, inputs):
+        with torch.no_grad(), self.reference.forward_of(model) as reference:
+            return sequence_log_probs(reference, inputs, self.loss_impl == "chunked")
+
+    def _store(self, metrics: dict, mode: str) -> None:
+        """A metric is a value (averaged over the batches of a log) or a (sum, count) pair (summed, then divided)."""
+        for key, value in metrics.items():
+            if isinstance(value, tuple):
+                value = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in value])
+            self.stored_metrics[mode][key].append(value.detach().float().reshape(-1).cpu())
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + key: value for key, value in self.logged_metrics(mode).items()})
+        super().log(logs, start_time)
+
+    def logged_metrics(self, mode: str) -> dict:
+        """The stored metrics of `mode` since the last log, over the ranks; cleared."""
+        found, stored = {}, self.stored_metrics[mode]
+        for key, values in stored.items():  # the same keys in the same order on every rank: the gathers pair up
+            stacked = torch.stack(values).to(self.args.device)
+            if stacked.shape[1] == 1:
+                found[key] = self.accelerator.gather_for_metrics(stacked.mean()[None]).mean().item()
+                continue
+            total, count = self.accelerator.gather(stacked.sum(0)[None]).sum(0).tolist()
+            if count:
+                found[key] = total / count
+        stored.clear()
+        return found
+
+
+class PreferenceLoss(StageLoss):
+    """--stage dpo: one forward of both answers of every pair, the reference's scores (live, under no_grad, or
+    precomputed), --pref_loss with TRL's metrics."""
 
     def train(self, *args, **kwargs):
         if self.reference.precompute:
@@ -318,11 +388,6 @@ class PreferenceLoss:
         logger.info("reference log-probabilities of %d pairs computed", len(found))
         return torch.tensor([found[i] for i in range(len(dataset))], dtype=torch.float32)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.batch_loss(model, inputs)
-        self._store(metrics, "train" if model.training else "eval")
-        return (loss, {}) if return_outputs else loss
-
     def batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict]:
         """The batch's mean loss over pairs, and its metrics (TRL's names, means over the pairs)."""
         options = self.preference
@@ -355,15 +420,6 @@ class PreferenceLoss:
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
 
-    def _log_probs(self, model, inputs):
-        chunked = self.loss_impl == "chunked"
-        try:
-            return sequence_log_probs(model, inputs, chunked)
-        except LogitTransformMismatch as e:
-            logger.warning("the full logits score this model's answers, not the chunked head: %s", e)
-            self.loss_impl = "plain"
-            return sequence_log_probs(model, inputs, chunked=False)
-
     def reference_scores(self, model, inputs, policy: Scores) -> Scores:
         """The reference's scores of the batch: precomputed in it, or by a forward under no_grad."""
         if "reference_log_probs" in inputs:
@@ -371,36 +427,59 @@ class PreferenceLoss:
             return Scores(found[:, 0], found[:, 1], policy.chosen_tokens, policy.rejected_tokens)
         if self.reference.precompute:
             raise RuntimeError("the reference log-probabilities were to be precomputed, and this batch has none")
-        with torch.no_grad(), self.reference.forward_of(model) as reference:
-            values, sequences, _ = sequence_log_probs(reference, inputs, self.loss_impl == "chunked")
+        values, sequences, _ = self._reference_log_probs(model, inputs)
         return scores_of(values, sequences, len(policy.chosen), self.preference.ld_alpha)
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+
+class KTOLoss(StageLoss):
+    """--stage kto, as TRL's KTOTrainer (loss_type "kto"): each completion's log-ratio to the reference, against the
+    KL term estimated from the batch's mismatched prompt-completion pairs (UnpairedCollator), clamped at 0 and
+    averaged over the ranks; desirable completions weigh --kto_chosen_weight, undesirable --kto_rejected_weight."""
+
+    def batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict]:
+        options, beta = self.preference, self.preference.pref_beta
+        desirable = inputs["desirable"].bool()
+        count = len(desirable)
+        values, sequences, means = self._log_probs(model, inputs)
+        logps = per_sequence(values, sequences, count)
+        reference_values, reference_sequences, _ = self._reference_log_probs(model, inputs)
+        ratio = logps - per_sequence(reference_values, reference_sequences, count)
+        kl_inputs = inputs["kl"]
         with torch.no_grad():
-            loss, metrics = self.batch_loss(model, inputs)
-        self._store(metrics, "eval")
-        return loss.detach(), None, None
+            kl_values, kl_sequences, _ = sequence_log_probs(model, kl_inputs, self.loss_impl == "chunked")
+            kl_reference, kl_reference_sequences, _ = self._reference_log_probs(model, kl_inputs)
+            kl_logps = per_sequence(kl_values, kl_sequences, count)
+            kl = (kl_logps - per_sequence(kl_reference, kl_reference_sequences, count)).mean()
+            kl = self.accelerator.gather(kl[None]).mean().clamp(min=0)
+        losses = torch.where(
+            desirable,
+            options.kto_chosen_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+            options.kto_rejected_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+        )
+        rewards, tokens = beta * ratio.detach(), per_sequence(torch.ones_like(means), sequences, count)
+        mean_logits = per_sequence(means, sequences, count)
+        metrics = {"kl": kl}
+        for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
+            metrics[f"rewards/{name}"] = (rewards[rows].sum(), rows.sum())
+            metrics[f"logps/{name}"] = (logps.detach()[rows].sum(), rows.sum())
+            metrics[f"logits/{name}"] = (mean_logits[rows].sum(), tokens[rows].sum())
+        return losses.mean(), metrics
 
-    def _store(self, metrics: dict, mode: str) -> None:
-        for key, value in metrics.items():
-            self.stored_metrics[mode][key].append(value.detach().float().reshape(()))
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        stored = self.stored_metrics[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in stored.items():
-            mean = torch.stack(values).mean().to(self.args.device)
-            logs[prefix + key] = self.accelerator.gather_for_metrics(mean[None]).mean().item()
-        stored.clear()
-        super().log(logs, start_time)
+    def logged_metrics(self, mode: str) -> dict:
+        found = super().logged_metrics(mode)
+        if "rewards/chosen" in found and "rewards/rejected" in found:
+            found["rewards/margins"] = found["rewards/chosen"] - found["rewards/rejected"]
+        return found
 
 
 class PreferenceTrainer(PreferenceLoss, TokenBudgetBatches, LearningRatesByPart, NonFiniteGuard, LossScaleLog, Trainer):
     """--stage dpo: the stock Trainer with the SFT trainer's parts and the preference loss. Keyword arguments: the
     Trainer's, `preference` (PreferenceArguments), `reference` (Reference), `loss_impl`, `max_tokens_per_batch`,
     `lr_by_prefix`, `on_nonfinite`."""
+
+
+class KTOTrainer(KTOLoss, TokenBudgetBatches, LearningRatesByPart, NonFiniteGuard, LossScaleLog, Trainer):
+    """--stage kto: the stock Trainer with the SFT trainer's parts and KTO's loss."""
 
 
 def frozen_copy(model):

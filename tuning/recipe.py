@@ -31,11 +31,12 @@ from tuning.attention import PACKED_SDPA, attend_per_sample, supported_attention
 from tuning.callbacks import LossPlotCallback, SampleGenerationCallback, StopOnSignal, ThroughputCallback, TileMLPs
 from tuning.checkpoints import RestoreFullWeights, resolve_resume, resume_command, save_final, save_run_args
 from tuning.data.cache import CacheError
-from tuning.data.collate import FlatteningCollator, PaddingCollator, PairCollator
+from tuning.data.collate import FlatteningCollator, PaddingCollator, PairCollator, UnpairedCollator
 from tuning.data.dataset import (
     DataReport,
     PreferencePairs,
     ReadData,
+    UnpairedExamples,
     default_workers,
     encode_dataset,
     read_conversations,
@@ -65,7 +66,7 @@ from tuning.model import (
     untrained_token_ids,
     vision_parts,
 )
-from tuning.preference import PreferenceTrainer, Reference, frozen_copy
+from tuning.preference import KTOTrainer, PreferenceTrainer, Reference, frozen_copy
 from tuning.runtime import (
     deepspeed_state_on_cpu,
     is_zero3,
@@ -274,8 +275,9 @@ def build_datasets(args: RunArguments, data: DataRead, processing: Processing) -
 
 
 def _as_stage(args: RunArguments, samples):
-    """The encoded samples as the stage trains them: one by one (SFT), or as chosen and rejected pairs."""
-    return PreferencePairs(samples) if args.stage == "dpo" else samples
+    """The encoded samples as the stage trains them: one by one (SFT), as chosen and rejected pairs (DPO), or as
+    completions with a desirable label (KTO)."""
+    return {"dpo": PreferencePairs, "kto": UnpairedExamples}.get(args.stage, lambda found: found)(samples)
 
 
 def _encoded(args: RunArguments, data: DataRead, read: ReadData, encoder: Encoder, skip_bad_samples: bool):
@@ -376,19 +378,19 @@ def build_trainer(
         loss_impl=training.loss_impl,
         max_tokens_per_batch=args.data.max_tokens_per_batch,
     )
-    if args.stage == "dpo":
+    if args.stage in ("dpo", "kto"):
         reference = build_reference(args, model)
-        logger.info("preference: %s, reference: %s", args.preference.pref_loss, describe_reference(reference))
-        return PreferenceTrainer(
-            **common, data_collator=PairCollator(collator), preference=args.preference, reference=reference
-        )
+        loss = args.preference.pref_loss if args.stage == "dpo" else "kto"
+        logger.info("preference: %s, reference: %s", loss, describe_reference(reference))
+        trainer, wrap = (PreferenceTrainer, PairCollator) if args.stage == "dpo" else (KTOTrainer, UnpairedCollator)
+        return trainer(**common, data_collator=wrap(collator), preference=args.preference, reference=reference)
     return SupervisedTrainer(**common, data_collator=collator)
 
 
 def build_reference(args: RunArguments, model) -> Reference:
     """The reference the preference loss compares with: the starting weights, by construction."""
     preference, precompute = args.preference, args.preference.precompute_ref_log_probs
-    if not preference.needs_reference:
+    if args.stage == "dpo" and not preference.needs_reference:
         return Reference("none")
     if preference.ref_model:
         options = LoadOptions(

@@ -158,6 +158,46 @@ class PairCollator:
         return batch
 
 
+@dataclass
+class UnpairedCollator:
+    """KTO's batches: each completion as a sequence (`inner` collates them as for SFT), with `desirable` per
+    sequence and, under `kl`, the batch's mismatched sequences that estimate the KL term as TRL's KTOTrainer does:
+    the prompt of sequence i with the completion of sequence i - 1 (the first takes the last one's)."""
+
+    inner: Callable[[list[dict]], dict]
+
+    def __call__(self, examples: list[dict]) -> dict:
+        sequences = [example["completion"] for example in examples]
+        batch = self.inner(sequences)
+        batch["sequence_index"] = sequence_index(batch["labels"], [len(s["input_ids"]) for s in sequences])
+        batch["desirable"] = torch.tensor([example["label"] for example in examples])
+        mismatched = [_with_completion(s, sequences[i - 1]) for i, s in enumerate(sequences)]
+        kl = self.inner(mismatched)
+        kl["sequence_index"] = sequence_index(kl["labels"], [len(s["input_ids"]) for s in mismatched])
+        batch["kl"] = kl
+        return batch
+
+
+def _with_completion(prompt: dict, completion: dict) -> dict:
+    """`prompt`'s context (and pictures) followed by `completion`'s answer."""
+    start, answer_start = _first_label(prompt["labels"]), _first_label(completion["labels"])
+    answer = list(completion["input_ids"][answer_start:])
+    out = {k: v for k, v in prompt.items() if k not in ("input_ids", "labels", TOKEN_TYPES)}
+    out["input_ids"] = list(prompt["input_ids"][:start]) + answer
+    out["labels"] = [IGNORE_INDEX] * start + list(completion["labels"][answer_start:])
+    if prompt.get(TOKEN_TYPES) is not None:
+        out[TOKEN_TYPES] = list(prompt[TOKEN_TYPES][:start]) + [0] * len(answer)
+    for key in PER_TOKEN:  # a row per token (Mllama's mask): the answer sees what the prompt's last token sees
+        if out.get(key) is not None:
+            rows = torch.as_tensor(out[key])[:, :start]
+            out[key] = torch.cat([rows, rows[:, -1:].expand(-1, len(answer), *rows.shape[2:])], dim=1)
+    return out
+
+
+def _first_label(labels) -> int:
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
 def sequence_index(labels: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """For each token of a collated batch, the number of the sequence it belongs to (-1: none). A batch of one row
     holding several sequences is packed (end to end, then anything appended after them); else row i is sequence i,

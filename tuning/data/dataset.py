@@ -38,6 +38,7 @@ __all__ = [
     "EncodedDataset",
     "PreferencePairs",
     "ReadData",
+    "UnpairedExamples",
     "build_dataset",
     "encode_dataset",
     "read_conversations",
@@ -136,6 +137,31 @@ class PreferencePairs(Dataset):
         if self.reference_log_probs is not None:
             item["reference"] = tuple(float(v) for v in self.reference_log_probs[index])
         return item
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [self[i] for i in indices]
+
+
+class UnpairedExamples(Dataset):
+    """Completions with a desirable label (KTO), from an encoded preference set: unpaired records with their label,
+    and each pair's chosen answer (desirable) and rejected answer (not). Item i is {"completion": features,
+    "label": bool}."""
+
+    def __init__(self, samples: EncodedDataset):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.samples.lengths
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples.sample(index)
+        preference = sample.preference or {}
+        label = preference.get("label", preference.get("side") == "chosen")
+        return {"completion": self.samples.features_of(sample), "label": bool(label)}
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         return [self[i] for i in indices]
