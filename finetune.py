@@ -197,8 +197,6 @@ def argument_problems(model_args, data_args, training_args, lora_args, preferenc
 def stage_problems(data_args, training_args, lora_args, preference_args) -> list[str]:
     """What the chosen --stage cannot do with the other flags."""
     stage, problems = data_args.stage, []
-    if stage == "rm":
-        problems.append("--stage rm is not built yet: --stage dpo (with --pref_loss) or kto trains preferences now")
     if stage == "kto":
         if training_args.per_device_train_batch_size < 2 or training_args.per_device_eval_batch_size < 2:
             problems.append(

@@ -247,6 +247,7 @@ def run_mode(mode: str, settings: dict) -> dict:
     else:
         trainer.train()
     training_memory = memory.end()
+    start_memory = memory.start
 
     start, end = timer.start_counts, timer.end_counts
     lengths = counter.sample_lengths[start[2] : end[2]]
@@ -262,6 +263,7 @@ def run_mode(mode: str, settings: dict) -> dict:
         "longest_sequence": max(lengths),
         "peak_memory_bytes": peak,
         "training_memory_bytes": training_memory,
+        "start_memory_bytes": start_memory,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "pairs_per_step": trainer.args.per_device_train_batch_size,
     }
@@ -270,7 +272,7 @@ def run_mode(mode: str, settings: dict) -> dict:
 # -- the comparison --------------------------------------------------------------------------------------
 
 
-MEASURES = ("seconds", "peak_memory_bytes", "training_memory_bytes")
+MEASURES = ("seconds", "peak_memory_bytes", "training_memory_bytes", "start_memory_bytes")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -311,6 +313,7 @@ def goal_lines(results: dict) -> list[str]:
 def table(results: dict, settings: dict) -> str:
     trl, padded = results["trl"], results["padded"]
     peak, training = throughput.mebibytes("peak_memory_bytes"), throughput.mebibytes("training_memory_bytes")
+    start = throughput.mebibytes("start_memory_bytes")
     ours = results["ours"]
     lines = [
         f"Model: {settings['model_caption']}; LoRA r={LORA['r']} (alpha {LORA['alpha']}) on every linear layer; "
@@ -329,26 +332,29 @@ def table(results: dict, settings: dict) -> str:
         "reads its prompt twice, once with each answer; the reference's forward reads them again, which counts in "
         "the time, not in the tokens); padding: the share of the positions fed that are padding. "
         + (
-            "Peak memory: the GPU memory allocated at the peak, weights included; memory taken by training: that "
-            "peak above the allocated memory when training began."
+            "Peak memory: the GPU memory allocated at the peak, weights included; memory at start: allocated "
+            "when training began; memory taken by training: the peak above it."
             if settings["cuda"]
-            else "Peak memory: the process's peak RSS, libraries and weights included; memory taken by training: "
-            "the peak RSS while training above the RSS when it began, with the libraries loaded and the weights "
-            "read. TRL runs with the host allocator setting our trainer makes on a CPU (tuning/runtime.py). On a "
+            else "Peak memory: the process's peak RSS, libraries and weights included; memory at start: the RSS "
+            "when training began, with the libraries loaded and the weights read (TRL's process holds more "
+            "libraries); memory taken by training: the peak RSS while training above it. TRL runs with the host allocator setting our trainer makes on a CPU (tuning/runtime.py). On a "
             "CPU (no Triton) TRL's fused head projects every position, prompts and padding included, not only the "
             "answer tokens."
         ),
         "",
-        "| mode | pairs per step | real tokens per step | padding | real tokens/s | peak memory "
-        "| memory taken by training | tokens/s vs TRL | peak vs TRL | training memory vs TRL |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | pairs per step | real tokens per step | padding | seconds per step | real tokens/s "
+        "| peak memory | memory at start | memory taken by training | tokens/s vs TRL | peak vs TRL "
+        "| training memory vs TRL |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    steps = settings["steps"]
     for mode in MODES:
         r = results[mode]
         padding = 1 - r["real_tokens"] / r["positions"]
         lines.append(
-            f"| {NAMES[mode]} | {r['pairs'] / settings['steps']:g} | {r['real_tokens'] / settings['steps']:,.0f} "
-            f"| {padding:.0%} | {throughput.range_cell(r, rate)} | {throughput.range_cell(r, peak, ' MiB')} "
+            f"| {NAMES[mode]} | {r['pairs'] / steps:g} | {r['real_tokens'] / steps:,.0f} | {padding:.0%} "
+            f"| {r['seconds'] / steps:,.1f} | {throughput.range_cell(r, rate)} "
+            f"| {throughput.range_cell(r, peak, ' MiB')} | {throughput.range_cell(r, start, ' MiB')} "
             f"| {throughput.range_cell(r, training, ' MiB')} | {throughput.ratio_cell(r, trl, rate)} "
             f"| {throughput.ratio_cell(r, trl, peak)} | {throughput.ratio_cell(r, trl, training)} |"
         )
@@ -387,9 +393,9 @@ def prepare(args) -> dict:
     caption = (
         f"the tiny Qwen2 (models/tiny-qwen2, {parameters / 1e6:.2f}M parameters, vocabulary {config.vocab_size:,})"
         if args.smoke
-        else f"Qwen2.5-0.5B shapes with {config.num_hidden_layers} layers instead of 24 (models/bench-qwen2-real, "
-        f"throughput.py's --vocab real model: {parameters / 1e6:.0f}M parameters, random weights), "
-        f"vocabulary {config.vocab_size:,}"
+        else f"Qwen2.5-0.5B shapes with {config.num_hidden_layers} layers instead of 24 (models/bench-qwen2-real: "
+        f"{parameters / 1e6:.0f}M parameters, random weights), vocabulary {config.vocab_size:,}; the smallest "
+        "real-vocabulary bench model of throughput.py (--vocab real), as all 24 layers train too slowly on a CPU"
     )
     return {
         "model": str(model),
@@ -420,12 +426,12 @@ def run_in_child(mode: str, settings: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs_per_step", type=int, default=4, help="pairs per optimizer step, in every mode")
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per mode")
+    parser.add_argument("--pairs_per_step", type=int, default=2, help="pairs per optimizer step, in every mode")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--pairs", type=int, default=64, help="generated pairs (the first steps x pairs train)")
-    parser.add_argument("--prompt_median", type=int, default=48, help="median prompt length in tokens")
-    parser.add_argument("--answer_median", type=int, default=96, help="median answer length in tokens")
+    parser.add_argument("--prompt_median", type=int, default=32, help="median prompt length in tokens")
+    parser.add_argument("--answer_median", type=int, default=64, help="median answer length in tokens")
     parser.add_argument("--max_length", type=int, default=4096, help="our model_max_length, TRL's max_length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, in turn: medians and ranges")

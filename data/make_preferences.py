@@ -5,7 +5,8 @@
 
 words (TRL's conversational shape): a question asks for a word of one kind (an animal, a fruit, a colour, a
 number); the chosen answer is a word of that kind, the rejected one a word of another kind. The held-out questions
-are phrased in ways training never shows. Also written unpaired (train_unpaired.jsonl: each pair's two answers with
+are phrased in ways training never shows (test.jsonl), or as training phrases them, about pairs of words it never
+saw together (test_trained_phrasings.jsonl). Also written unpaired (train_unpaired.jsonl: each pair's two answers with
 their label, TRL's KTO shape).
 
 colours (TRL's vision shape: `images` and an image part): "What colour is the shape?" about a coloured shape; the
@@ -110,6 +111,7 @@ def main() -> None:
         print(write(out / "train.jsonl", train))
         print(write(out / "train_unpaired.jsonl", unpaired(train)))
         print(write(out / "test.jsonl", word_pairs(args.test or 40, HELD_OUT_PHRASINGS, seed=2)))
+        print(write(out / "test_trained_phrasings.jsonl", word_pairs(args.test or 40, TRAIN_PHRASINGS, seed=3)))
         return
     print(write(out / "train.jsonl", colour_pairs(out, "train", args.train, seed=1)))
     print(write(out / "test.jsonl", colour_pairs(out, "test", args.test or 30, seed=2)))

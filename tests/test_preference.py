@@ -345,3 +345,64 @@ def test_kto_loss_kl_and_rewards_equal_trl(tiny_text, tmp_path):
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         total, count = metrics[key]
         assert (total / count).item() == pytest.approx(trl_metrics[key], abs=1e-4), key
+
+
+# -- reward models ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_reward_loss_with_margins_equals_trl(tiny_text, tmp_path):
+    """TRL's RewardTrainer and ours on the same sequence classifier and pairs (with a margin each): the same loss,
+    accuracy and margin; both read the reward at the last token (the newline after <|im_end|> in ChatML)."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    data = FIXTURES / "trl_reward_margin.jsonl"
+    ours = build([*dpo_argv(tiny_text, data, tmp_path / "ours")[2:], "--stage", "rm", "--packing", "True"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
+    config = RewardConfig(
+        output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=3, max_length=None, center_rewards_coefficient=0.01,
+    )  # fmt: skip
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_text, num_labels=1, dtype=torch.float32)
+    model.load_state_dict(ours.model.state_dict())  # the same random score head
+    trl = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    for trainer in (trl, ours):
+        perturb(trainer.model)
+    inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(3)]))
+    trl.model.train()
+    with torch.no_grad():
+        expected = trl.compute_loss(trl.model, inputs).item()
+    trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
+    loss, metrics = our_loss(ours, batch_of(ours), center_rewards_coefficient=0.01)
+    assert loss == pytest.approx(expected, abs=1e-5)
+    for key in ("accuracy", "margin", "mean_reward"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", ["True", "False"])
+def test_a_trained_reward_model_loads_as_a_sequence_classifier_and_scores_as_in_training(tiny_text, tmp_path, lora):
+    from transformers import AutoModelForSequenceClassification
+
+    from tuning.preference import sequence_rewards
+    from tuning.reward import RewardModel
+
+    data = FIXTURES / "trl_conversational.jsonl"
+    flags = ["--stage", "rm", "--use_lora", lora, "--max_steps", "2", "--learning_rate", "1e-2"]
+    from finetune import train
+
+    trainer = train([*dpo_argv(tiny_text, data, tmp_path / "rm")[2:], *flags])  # trained and saved
+    trainer.model.eval()
+    inputs = batch_of(trainer)
+    with torch.no_grad():
+        trained = sequence_rewards(trainer.model, inputs)
+    record = json.loads(data.read_text().splitlines()[1])  # a system prompt and history
+    scorer = RewardModel(str(tmp_path / "rm"))
+    chosen = scorer.score(record["prompt"] + record["chosen"])
+    assert chosen == pytest.approx(trained[2].item(), abs=1e-4)
+    if lora == "False":
+        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+        assert classifier.config.num_labels == 1 and classifier.config.pad_token_id is not None

@@ -22,7 +22,7 @@ from tuning.runtime import gptqmodel_only_for
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_HEADS = ("lm_head",)
+OUTPUT_HEADS = ("lm_head", "score")  # a causal LM's head, a reward model's (sequence classifier's) head
 # bitsandbytes 4/8-bit, and every GPTQ kernel of gptqmodel (they derive from BaseQuantLinear)
 QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "BaseQuantLinear")
 ALL_LINEAR = "all-linear"
@@ -44,6 +44,7 @@ class LoadOptions:
     load_in_8bit: bool = False  # LLM.int8(), for inference (the chat command and the web demo)
     zero3: bool = False
     device_map: dict | str | None = None
+    reward: bool = False  # a reward model: the family's sequence classifier with one label (as TRL's RewardTrainer)
 
 
 def quant_method(config) -> str | None:
@@ -107,6 +108,8 @@ def load_model(options: LoadOptions):
         "trust_remote_code": options.trust_remote_code,
         "use_safetensors": True,  # never unpickle weights
     }
+    if options.reward:
+        model_class, kwargs["num_labels"] = reward_model_class(config), 1
     # A checkpoint saved quantized (bitsandbytes, AWQ, ...) brings its own config; ours would clash with it.
     if (quantization := quantization_config(options, config)) is not None:
         kwargs["quantization_config"] = quantization
@@ -122,6 +125,21 @@ def load_model(options: LoadOptions):
     model = model_class.from_pretrained(options.model_name_or_path, **kwargs)
     set_use_cache(model, False)  # a cache defeats packed-sequence masks and wastes memory in training
     return model
+
+
+def reward_model_class(config):
+    """The family's sequence classifier, which a reward model is (a score head on the last token's hidden state);
+    a ValueError naming the family where transformers has none."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise ValueError(
+            f"--stage rm: transformers has no sequence-classification model for {config.model_type}, so no reward "
+            "model can be built from it; use a text model of a family that has one (Qwen2, Qwen3, Llama, Mistral, "
+            "Gemma, ...), or --stage dpo, which needs no reward model"
+        )
+    return AutoModelForSequenceClassification
 
 
 def load_adapter(model: nn.Module, adapter: str, trainable: bool = False):
@@ -502,6 +520,7 @@ def attach_lora(
     quantized: bool,
     checkpointing: bool,
     zero3: bool = False,
+    reward: bool = False,
 ):
     """Wrap the model with LoRA (on fused MoE experts too); the projector (if tuned) as a full copy, new token rows
     as trainable rows.
@@ -542,7 +561,8 @@ def attach_lora(
         trainable_token_indices={embedding_module_name(model): token_ids} if token_ids else None,
         use_dora=options.use_dora,
         use_rslora=options.use_rslora,
-        task_type="CAUSAL_LM",
+        # a reward model's score head trains in full beside the adapter (PEFT adds it to modules_to_save)
+        task_type="SEQ_CLS" if reward else "CAUSAL_LM",
     )
     with gptqmodel_only_for(quant_method(model.config) == "gptq"):
         model = get_peft_model(model, config)

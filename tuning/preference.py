@@ -83,6 +83,13 @@ class PreferenceArguments:
         default=1.0,
         metadata={"help": "--stage kto: the weight of an undesirable completion's loss (TRL's undesirable_weight)."},
     )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={
+            "help": "--stage rm: weight of the mean squared reward added to the loss, which keeps the rewards "
+            "centred on 0 (TRL's; 0.01 is usual). Default: off."
+        },
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
@@ -472,10 +479,67 @@ class KTOLoss(StageLoss):
         return found
 
 
+class RewardLoss(StageLoss):
+    """--stage rm, as TRL's RewardTrainer: a sequence classifier's score of each answer's last token is its reward;
+    the Bradley-Terry loss -log sigmoid(chosen - rejected - margin) (Llama 2's margin where the data gives one), and
+    --center_rewards_coefficient times the mean squared reward. Both answers of every pair go through one forward,
+    packed like the other stages."""
+
+    def batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict]:
+        rewards = sequence_rewards(model, inputs).float()
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        loss = -F.logsigmoid(chosen - rejected - inputs["margin"].to(rewards.device)).mean()
+        if self.preference.center_rewards_coefficient:
+            loss = loss + self.preference.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+        metrics = {
+            "accuracy": (chosen > rejected).float().mean(),
+            "margin": (chosen - rejected).detach().mean(),
+            "mean_reward": rewards.detach().mean(),
+            "min_reward": rewards.detach().min(),
+            "max_reward": rewards.detach().max(),
+        }
+        return loss, metrics
+
+
+def sequence_rewards(model, inputs: dict) -> torch.Tensor:
+    """The score head's value at the last token of each sequence of a collated batch (packed or padded), as the
+    sequence classifier pools one sequence: (sequences,)."""
+    inputs = dict(inputs)
+    index = inputs.pop("sequence_index")
+    for key in ("labels", "margin", "reference_log_probs"):
+        inputs.pop(key, None)
+    head = score_head(model)
+    seen = {}
+    hook = head.register_forward_hook(lambda module, args, output: seen.update(scores=output))
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    scores = seen["scores"].reshape(-1)  # (rows * tokens,): one label
+    flat = index.reshape(-1)
+    count = int(flat.max()) + 1
+    positions = torch.arange(len(flat), device=flat.device)
+    last = torch.full((count,), -1, dtype=torch.long, device=flat.device)
+    last = last.scatter_reduce(0, flat.clamp(min=0), torch.where(flat >= 0, positions, -1), reduce="amax")
+    return scores[last]
+
+
+def score_head(model):
+    """A sequence classifier's head ("score"), through PEFT's and the engines' wrappers."""
+    for name, module in getattr(model, "module", model).named_modules():
+        if name.rsplit(".", 1)[-1] == "score":
+            return module
+    raise ValueError(f"{type(model).__name__} has no score head: a reward model is a sequence classifier")
+
+
 class PreferenceTrainer(PreferenceLoss, TokenBudgetBatches, LearningRatesByPart, NonFiniteGuard, LossScaleLog, Trainer):
     """--stage dpo: the stock Trainer with the SFT trainer's parts and the preference loss. Keyword arguments: the
     Trainer's, `preference` (PreferenceArguments), `reference` (Reference), `loss_impl`, `max_tokens_per_batch`,
     `lr_by_prefix`, `on_nonfinite`."""
+
+
+class RewardTrainer(RewardLoss, TokenBudgetBatches, LearningRatesByPart, NonFiniteGuard, LossScaleLog, Trainer):
+    """--stage rm: the stock Trainer with the SFT trainer's parts and the reward model's loss."""
 
 
 class KTOTrainer(KTOLoss, TokenBudgetBatches, LearningRatesByPart, NonFiniteGuard, LossScaleLog, Trainer):

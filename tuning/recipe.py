@@ -62,11 +62,12 @@ from tuning.model import (
     count_parameters,
     load_model,
     resize_for_tokenizer,
+    reward_model_class,
     set_trainable,
     untrained_token_ids,
     vision_parts,
 )
-from tuning.preference import KTOTrainer, PreferenceTrainer, Reference, frozen_copy
+from tuning.preference import KTOTrainer, PreferenceTrainer, Reference, RewardTrainer, frozen_copy
 from tuning.runtime import (
     deepspeed_state_on_cpu,
     is_zero3,
@@ -171,6 +172,11 @@ def _settle_for_model(values: dict, config) -> list[str]:
         raise SystemExit(f"{PROG}: {e}") from None
     if values.get("image_max_tiles") is not None and (problem := tiles_problem(family.tiles, family.name)):
         raise SystemExit(f"{PROG}: {problem}")
+    if values.get("stage") == "rm":
+        try:
+            reward_model_class(config)
+        except ValueError as e:
+            raise SystemExit(f"{PROG}: {e}") from None
     changes = []
     attention, why = supported_attention(config, values.get("attn_implementation"))
     if why:
@@ -277,7 +283,9 @@ def build_datasets(args: RunArguments, data: DataRead, processing: Processing) -
 def _as_stage(args: RunArguments, samples):
     """The encoded samples as the stage trains them: one by one (SFT), as chosen and rejected pairs (DPO), or as
     completions with a desirable label (KTO)."""
-    return {"dpo": PreferencePairs, "kto": UnpairedExamples}.get(args.stage, lambda found: found)(samples)
+    return {"dpo": PreferencePairs, "rm": PreferencePairs, "kto": UnpairedExamples}.get(args.stage, lambda x: x)(
+        samples
+    )
 
 
 def _encoded(args: RunArguments, data: DataRead, read: ReadData, encoder: Encoder, skip_bad_samples: bool):
@@ -313,9 +321,12 @@ def build_model(args: RunArguments, processing: Processing):
             q_lora=lora.q_lora,
             zero3=zero3,
             device_map=device_map,
+            reward=args.stage == "rm",
         )
     )
     resize_for_tokenizer(model, processing.tokenizer)
+    if args.stage == "rm":  # the classifier pools a padded row at its last token that is no padding
+        model.config.pad_token_id = pad_id(processing.tokenizer)
     if args.data.packing and attend_per_sample(model):
         logger.info("attention: %s (one causal sdpa call per packed sample, no mask)", PACKED_SDPA)
     if training.use_lora:
@@ -330,6 +341,7 @@ def build_model(args: RunArguments, processing: Processing):
             quantized=lora.q_lora or getattr(model, "is_quantized", False),
             checkpointing=training.gradient_checkpointing,
             zero3=zero3,
+            reward=args.stage == "rm",
         )
     else:
         set_trainable(model, model_args.fix_vit, model_args.tune_projector)
@@ -378,6 +390,11 @@ def build_trainer(
         loss_impl=training.loss_impl,
         max_tokens_per_batch=args.data.max_tokens_per_batch,
     )
+    if args.stage == "rm":
+        reference = Reference("none")
+        return RewardTrainer(
+            **common, data_collator=PairCollator(collator), preference=args.preference, reference=reference
+        )
     if args.stage in ("dpo", "kto"):
         reference = build_reference(args, model)
         loss = args.preference.pref_loss if args.stage == "dpo" else "kto"
