@@ -88,3 +88,25 @@ def test_two_processes_match_one_with_doubled_accumulation(tmp_path, tiny_text, 
         )
     )
     assert two == pytest.approx(one, abs=1e-4)
+
+
+PREFERENCE_DATA = [
+    DATA.parent / "tests" / "fixtures" / "preference" / name for name in ("trl_conversational.jsonl", "swift_dpo.jsonl")
+]
+
+
+@pytest.mark.parametrize(("name", "flags"), PARITY, ids=[p[0] for p in PARITY])
+def test_dpo_on_two_processes_matches_one_with_doubled_accumulation(tmp_path, tiny_text, name, flags):
+    """DPO's loss and its metrics (means over pairs, gathered over the ranks) are a one-rank run's, LoRA's reference
+    being the model with its adapter off on each rank."""
+
+    def run(processes: int, out, *more: str) -> list[dict]:
+        args = small_run_args(tiny_text, out, PREFERENCE_DATA, "--stage", "dpo", "--save_strategy", "no", *flags, *more)
+        torchrun_finetune(processes, [*args, "--max_steps", "4", "--learning_rate", "1e-2"])
+        return [e for e in trainer_state(out)["log_history"] if "loss" in e]
+
+    two = run(2, tmp_path / "two")
+    one = run(1, tmp_path / "one", "--gradient_accumulation_steps", "2")
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert [e[key] for e in two] == pytest.approx([e[key] for e in one], abs=1e-4), key
+    assert one[-1]["rewards/margins"] != 0
