@@ -72,20 +72,21 @@ GOAL_RATE, GOAL_MEMORY = 1.3, 0.8  # the issue's: ours >= 1.3x TRL's real tokens
 # -- data ------------------------------------------------------------------------------------------------
 
 
-def lognormal_lengths(rng: random.Random, count: int, median: int, low: int, high: int, sigma: float = 0.9):
-    """A long-tailed (log-normal) distribution of lengths in tokens, as chat data has."""
-    return [min(high, max(low, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(count)]
+def lognormal_length(rng: random.Random, median: int, low: int, high: int, sigma: float = 0.9) -> int:
+    """A length in tokens from a long-tailed (log-normal) distribution, as chat data has."""
+    return min(high, max(low, round(rng.lognormvariate(math.log(median), sigma))))
 
 
 def pair_lengths(count: int, seed: int, prompt_median: int, answer_median: int, high: int) -> list[tuple[int, ...]]:
     """(prompt, chosen, rejected) lengths in tokens of each pair, each long-tailed, chosen and rejected drawn apart
-    (never the same length)."""
+    (never the same length); pair by pair, so that the first pairs are the same however many are drawn."""
     rng = random.Random(seed)
-    prompts = lognormal_lengths(rng, count, prompt_median, 8, high // 2)
-    chosen = lognormal_lengths(rng, count, answer_median, 4, high // 2)
-    rejected = lognormal_lengths(rng, count, answer_median, 4, high // 2)
-    rejected = [r + 1 if r == c else r for c, r in zip(chosen, rejected, strict=True)]
-    return list(zip(prompts, chosen, rejected, strict=True))
+    pairs = []
+    for _ in range(count):
+        prompt = lognormal_length(rng, prompt_median, 8, high // 2)
+        chosen, rejected = (lognormal_length(rng, answer_median, 4, high // 2) for _ in range(2))
+        pairs.append((prompt, chosen, rejected + 1 if rejected == chosen else rejected))
+    return pairs
 
 
 def write_pairs(path: Path, tokenizer, lengths: list[tuple[int, ...]], seed: int) -> dict:
@@ -152,9 +153,12 @@ def our_argv(mode: str, settings: dict, out: str) -> list[str]:
     argv += ["--model_name_or_path", settings["model"], "--data_path", settings["data"], "--output_dir", out]
     argv += ["--dataset_cache_dir", "none", "--model_max_length", str(settings["max_length"])]
     argv += ["--max_steps", str(settings["warmup"] + settings["steps"])]
-    argv += ["--per_device_train_batch_size", str(settings["pairs_per_step"]), "--train_sampling_strategy", "sequential"]
+    # the same pairs per step as TRL's, in the file's order
+    argv += ["--per_device_train_batch_size", str(settings["pairs_per_step"])]
+    argv += ["--train_sampling_strategy", "sequential"]
     argv += ["--learning_rate", "1e-5", "--lr_scheduler_type", "constant", "--save_strategy", "no"]
-    argv += ["--report_to", "none", "--logging_steps", "10000", "--disable_tqdm", "True", "--seed", str(settings["seed"])]
+    argv += ["--report_to", "none", "--logging_steps", "10000", "--disable_tqdm", "True"]
+    argv += ["--seed", str(settings["seed"])]
     argv += ["--bf16", str(cuda), "--dataloader_num_workers", "0", "--gradient_checkpointing", "True"]
     argv += ["--use_lora", "True", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"])]
     argv += ["--lora_dropout", str(LORA["dropout"])]
@@ -319,7 +323,9 @@ def table(results: dict, settings: dict) -> str:
         f"Model: {settings['model_caption']}; LoRA r={LORA['r']} (alpha {LORA['alpha']}) on every linear layer; "
         f"{'bf16' if settings['cuda'] else 'fp32'}; gradient checkpointing on; DPO (sigmoid, beta {BETA}), the "
         "reference the model with its adapter switched off. Data: "
-        f"{settings['pairs']} generated pairs (prompt, chosen, rejected), in tokens: prompts "
+        + (f"the first {settings['trained_pairs']} of " if settings["trained_pairs"] < settings["pairs"] else "")
+        + f"{settings['pairs']} generated pairs (prompt, chosen, rejected; "
+        "long-tailed, log-normal lengths), in tokens: prompts "
         f"{settings['lengths']['prompt']}; chosen {settings['lengths']['chosen']}; rejected "
         f"{settings['lengths']['rejected']} (chosen and rejected of different lengths). Steps: "
         f"{settings['pairs_per_step']} pairs per optimizer step in every mode (ours: "
@@ -337,9 +343,10 @@ def table(results: dict, settings: dict) -> str:
             if settings["cuda"]
             else "Peak memory: the process's peak RSS, libraries and weights included; memory at start: the RSS "
             "when training began, with the libraries loaded and the weights read (TRL's process holds more "
-            "libraries); memory taken by training: the peak RSS while training above it. TRL runs with the host allocator setting our trainer makes on a CPU (tuning/runtime.py). On a "
-            "CPU (no Triton) TRL's fused head projects every position, prompts and padding included, not only the "
-            "answer tokens."
+            "libraries); memory taken by training: the peak RSS while training above it. TRL runs with the host "
+            "allocator setting our trainer makes on a CPU (tuning/runtime.py). On a CPU (no Triton) TRL's fused "
+            "head projects every position, prompts and padding included, not only the answer tokens (on a GPU "
+            "only the answer tokens)."
         ),
         "",
         "| mode | pairs per step | real tokens per step | padding | seconds per step | real tokens/s "
@@ -387,6 +394,7 @@ def prepare(args) -> dict:
     lengths = pair_lengths(args.pairs, args.seed, args.prompt_median, args.answer_median, args.max_length - 64)
     data = Path(tempfile.mkdtemp(prefix="bench-pairs-")) / "pairs.jsonl"
     measured = write_pairs(data, tokenizer, lengths, args.seed)
+    trained = (args.warmup + args.steps) * args.pairs_per_step  # in the file's order: the first pairs train
     config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -402,7 +410,8 @@ def prepare(args) -> dict:
         "model_caption": caption,
         "data": str(data),
         "pairs": args.pairs,
-        "lengths": {key: describe_lengths(values) for key, values in measured.items()},
+        "trained_pairs": trained,
+        "lengths": {key: describe_lengths(values[:trained]) for key, values in measured.items()},
         "pairs_per_step": args.pairs_per_step,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -429,13 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs_per_step", type=int, default=2, help="pairs per optimizer step, in every mode")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--pairs", type=int, default=64, help="generated pairs (the first steps x pairs train)")
+    parser.add_argument("--pairs", type=int, help="generated pairs (the first ones train); default: as many as train")
     parser.add_argument("--prompt_median", type=int, default=32, help="median prompt length in tokens")
     parser.add_argument("--answer_median", type=int, default=64, help="median answer length in tokens")
     parser.add_argument("--max_length", type=int, default=4096, help="our model_max_length, TRL's max_length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, in turn: medians and ranges")
-    parser.add_argument("--smoke", action="store_true", help="the tiny model, a few pairs, 2 steps: does every mode run?")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model, 4 pairs, 2 steps: does every mode run?")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table goes")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -446,9 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(run_mode(args.child, json.loads(args.settings))))
         return 0
     if args.smoke:
-        args.pairs_per_step, args.steps, args.warmup, args.pairs, args.max_length = 2, 1, 1, 8, 512
+        args.pairs_per_step, args.steps, args.warmup, args.max_length = 2, 1, 1, 512
         args.prompt_median, args.answer_median = 24, 32
     needed = (args.warmup + args.steps) * args.pairs_per_step
+    args.pairs = args.pairs or needed
     if args.pairs < needed:
         parser.error(f"--pairs {args.pairs}: the steps take {needed} pairs")
     settings = prepare(args)
