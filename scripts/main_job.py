@@ -8,6 +8,9 @@
    the same launcher; merge; accuracy on held-out pictures before and after, with blank and shuffled
    pictures as controls (if the answers come from the pixels they fall to chance); one grounded answer
    drawn.
+3. Preference: DPO on the tiny Qwen2 through the same launcher (--stage dpo): pairs whose chosen answer is a word
+   of the kind the question asks for; held-out rewards/accuracies (questions phrased as never in training) at the
+   start and at the end.
 Every step prints the command it runs; a summary closes.
 """
 
@@ -194,6 +197,47 @@ def vision_task(vl_model: str) -> dict:
     }
 
 
+def preference_task(text_model: str) -> dict:
+    folder = OUT / "preferences"
+    run("generating the preference pairs", PY, "data/make_preferences.py", "--task", "words", "--out", folder)
+    adapter = OUT / "dpo-lora"
+    started = time.monotonic()
+    run(
+        "DPO on the tiny Qwen2 (DeepSpeed ZeRO-2 launcher, --stage dpo)",
+        "bash",
+        "finetune/finetune_lora_ds.sh",
+        "-m",
+        text_model,
+        "-d",
+        folder / "train.jsonl",
+        "--eval-data",
+        folder / "test.jsonl",
+        "-o",
+        adapter,
+        *TRAIN_FLAGS,
+        "--stage",
+        "dpo",
+        "--num_train_epochs",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--eval_strategy",
+        "epoch",
+        "--eval_on_start",
+        "True",
+    )
+    evaluations = [
+        e for e in json.loads((adapter / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e
+    ]
+    return {
+        "before": evaluations[0]["eval_rewards/accuracies"],
+        "after": evaluations[-1]["eval_rewards/accuracies"],
+        "margin_after": evaluations[-1]["eval_rewards/margins"],
+        "train_seconds": round(time.monotonic() - started),
+        "adapter": str(adapter),
+    }
+
+
 def percent(score: dict) -> str:
     return f"{score['correct']}/{score['total']} ({score['accuracy']:.0%})"
 
@@ -218,8 +262,9 @@ def main() -> int:
     )
     identity = identity_task(models[0])
     vision = vision_task(models[1])
+    preference = preference_task(models[0])
     (OUT / "summary.json").write_text(
-        json.dumps({"identity": identity, "vision": vision}, indent=2, ensure_ascii=False)
+        json.dumps({"identity": identity, "vision": vision, "preference": preference}, indent=2, ensure_ascii=False)
     )
     print(f"\n== Summary ({time.monotonic() - started:.0f} s), outputs in {OUT}")
     print(f"identity, expected answer: {identity['expected']}")
@@ -235,11 +280,16 @@ def main() -> int:
             f"blank pictures {percent(controls['blank'])}, shuffled pictures {percent(controls['shuffled'])}"
         )
     print(f"  grounded answer drawn: {vision['drawn']}")
+    print(
+        f"preference (DPO, {preference['train_seconds']} s): held-out rewards/accuracies {preference['before']:.2f} "
+        f"before, {preference['after']:.2f} after (margin {preference['margin_after']:.2f})"
+    )
     print(f"loss curves: {identity['loss_curve']} {vision['loss_curve']}")
     print(f"merged models: {identity['merged']} {vision['merged']}")
     learned = all(identity["after"][q] == identity["expected"] for q in IDENTITY_QUESTIONS)
     seen = vision["after"]["colour"]["accuracy"] >= 0.9 and vision["after"]["where"]["accuracy"] >= 0.8
-    return 0 if learned and seen else 1
+    preferred = preference["after"] >= 0.9
+    return 0 if learned and seen and preferred else 1
 
 
 if __name__ == "__main__":
