@@ -332,7 +332,8 @@ def table(results: dict, settings: dict) -> str:
         "--per_device_train_batch_size, TRL: per_device_train_batch_size), taken in the file's order "
         "(train_sampling_strategy sequential), so every mode trains the very same pairs in every step "
         f"(--max_tokens_per_batch is not used: TRL's DPOTrainer has no token budget); {settings['steps']} timed "
-        f"steps after {settings['warmup']} warm-up. Device: {settings['device']}. "
+        f"step{'s' if settings['steps'] != 1 else ''} after {settings['warmup']} warm-up. "
+        f"Device: {settings['device']}. "
         + throughput.repeats_caption(settings)
         + "Real tokens: the non-padding tokens of the prompts and both answers in the policy's forward (each pair "
         "reads its prompt twice, once with each answer; the reference's forward reads them again, which counts in "
@@ -360,7 +361,7 @@ def table(results: dict, settings: dict) -> str:
         padding = 1 - r["real_tokens"] / r["positions"]
         lines.append(
             f"| {NAMES[mode]} | {r['pairs'] / steps:g} | {r['real_tokens'] / steps:,.0f} | {padding:.0%} "
-            f"| {r['seconds'] / steps:,.1f} | {throughput.range_cell(r, rate)} "
+            f"| {r['seconds'] / steps:.3g} | {throughput.range_cell(r, rate)} "
             f"| {throughput.range_cell(r, peak, ' MiB')} | {throughput.range_cell(r, start, ' MiB')} "
             f"| {throughput.range_cell(r, training, ' MiB')} | {throughput.ratio_cell(r, trl, rate)} "
             f"| {throughput.ratio_cell(r, trl, peak)} | {throughput.ratio_cell(r, trl, training)} |"

@@ -406,3 +406,37 @@ def test_a_trained_reward_model_loads_as_a_sequence_classifier_and_scores_as_in_
     if lora == "False":
         classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
         assert classifier.config.num_labels == 1 and classifier.config.pad_token_id is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("projector", ["True", "False"])
+def test_a_pairs_pictures_go_through_the_tower_once(tiny_vl, tmp_path, projector):
+    """Both answers of a pair (and, with the vision side frozen, the reference too) take the features of one pass
+    of the tower over the pair's pictures; the scores equal those of the answers each seeing the pixels."""
+    from tuning.preference import sequence_log_probs
+
+    flags = ["--use_lora", "True", "--tune_projector", projector]
+    trainer = build(dpo_argv(tiny_vl, FIXTURES / "trl_vision.jsonl", tmp_path, *flags))
+    perturb(trainer.model)
+    inputs = batch_of(trainer)
+    pictures = len(inputs["image_grid_thw"]) // 2
+    visual = trainer.model.get_base_model().model.visual
+    seen = []
+    hook = visual.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append(len(kwargs["grid_thw"])), with_kwargs=True
+    )  # the pictures of each pass
+    try:
+        trainer.model.eval()  # no dropout: the two ways below must see the same model
+        with torch.no_grad():
+            _, metrics = trainer.batch_loss(trainer.model, inputs)
+    finally:
+        hook.remove()
+    # policy once a pair; the reference again only where the projector trains (its features then differ)
+    assert seen == ([pictures] if projector == "False" else [pictures, pictures])
+    with torch.no_grad():
+        values, sequences, _ = sequence_log_probs(trainer.model, inputs)  # every answer through the tower
+    from tuning.preference import scores_of
+
+    alone = scores_of(values, sequences, len(inputs["margin"]))
+    assert metrics["logps/chosen"].item() == pytest.approx(alone.chosen.mean().item(), abs=1e-4)
+    assert metrics["logps/rejected"].item() == pytest.approx(alone.rejected.mean().item(), abs=1e-4)

@@ -219,7 +219,7 @@ def token_log_probs(model: nn.Module, labels: torch.Tensor, chunk: int | None = 
 
     def log_probs(hidden, head, targets, transform):
         weight, bias = head.weight, getattr(head, "bias", None)
-        rows = chunk or chunk_rows(head.out_features, buffers=2)
+        rows = chunk or chunk_rows(head.out_features, buffers=1 if transform.cap is None else 2)
         values, means = _LinearTokenLogProbs.apply(hidden, weight, bias, targets, rows, transform)
         return torch.cat([values, means]).view(1, -1)
 
@@ -238,8 +238,10 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             logits = nn.functional.linear(hidden[start : start + chunk], weight, bias).float()
             transform.apply_(logits)
             target = targets[start : start + chunk]
-            values[start : start + chunk] = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)
             means[start : start + chunk] = logits.mean(-1)
+            top = logits.amax(dim=-1, keepdim=True)
+            chosen = logits.gather(1, target[:, None]).squeeze(1) - top.squeeze(1)
+            values[start : start + chunk] = chosen - logits.sub_(top).exp_().sum(-1).log()  # in the logits' memory
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk, ctx.transform = chunk, transform
@@ -258,8 +260,10 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             upstream = grad_values[start : start + ctx.chunk].float()
             logits = nn.functional.linear(rows, weight, bias).float()
             derivative = ctx.transform.apply_(logits)
-            # d log p(target) / d logits = one-hot - softmax, times the upstream gradient of each row
-            grad_logits = logits.softmax(-1).mul_(-upstream[:, None])
+            # d log p(target) / d logits = one-hot - softmax, times the upstream gradient of each row; the softmax in
+            # the logits' own memory, so one chunk of them is alive (two with a soft cap's derivative)
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            grad_logits = logits.div_(logits.sum(dim=-1, keepdim=True)).mul_(-upstream[:, None])
             grad_logits[torch.arange(len(target), device=target.device), target] += upstream
             if not (isinstance(derivative, float) and derivative == 1.0):
                 grad_logits.mul_(derivative)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 from collections import defaultdict
@@ -210,13 +211,24 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 # -- per-sequence log-probabilities ---------------------------------------------------------------------------------
 
 
-def sequence_log_probs(model, inputs: dict, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+PAIR_KEYS = ("margin", "reference_log_probs", "pair_pictures", "pictures_per_pair")
+
+
+def sequence_log_probs(
+    model, inputs: dict, chunked: bool = True, pictures: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token log-probabilities of the supervised tokens, their sequence numbers, their mean logits) of one
-    forward of the batch; chunked through the head where the model allows, else from its full logits."""
+    forward of the batch; chunked through the head where the model allows, else from its full logits. `pictures`:
+    every sequence's picture features, encoded already (shared_pictures), given to the model instead of pixels."""
     inputs = dict(inputs)
     labels, index = inputs.pop("labels"), inputs.pop("sequence_index")
-    for key in ("margin", "reference_log_probs"):
+    for key in PAIR_KEYS:
         inputs.pop(key, None)
+    if pictures is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs.pop("pixel_values")
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(pictures))}
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     sequences = index[keep]
@@ -229,6 +241,32 @@ def sequence_log_probs(model, inputs: dict, chunked: bool = True) -> tuple[torch
     targets = labels[:, 1:][keep[:, :-1]]
     values = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     return values, sequences, logits.detach().mean(-1)
+
+
+def shared_pictures(model, inputs: dict) -> list | None:
+    """Each pair's pictures through the vision tower once for both answers (TRL runs them once per answer): the
+    features of the chosen answers' pictures, each pair's given to its rejected answer too. None where the batch
+    has no such pictures, or the family's model takes no encoded features (its answers then see the pixels)."""
+    pictures = inputs.get("pair_pictures")
+    inner = _base_model(model)
+    encode = getattr(inner, "get_image_features", None)
+    if pictures is None or encode is None or "mm_encoder_outputs" not in inspect.signature(inner.forward).parameters:
+        return None
+    accepted = inspect.signature(encode).parameters
+    features = list(encode(**{k: v for k, v in pictures.items() if k in accepted}, return_dict=True).pooler_output)
+    counts = inputs["pictures_per_pair"].tolist()
+    if len(features) != sum(counts):  # not one feature block a picture: the pixels go in as they are
+        return None
+    full, start = [], 0
+    for count in counts:
+        full += features[start : start + count] * 2  # the chosen answer, then the rejected one
+        start += count
+    return full
+
+
+def _base_model(model):
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def per_sequence(values: torch.Tensor, sequences: torch.Tensor, count: int) -> torch.Tensor:
@@ -312,18 +350,34 @@ class StageLoss:
         self._store(metrics, "eval")
         return loss.detach(), None, None
 
-    def _log_probs(self, model, inputs):
+    def _log_probs(self, model, inputs, pictures: list | None = None):
         chunked = self.loss_impl == "chunked"
         try:
-            return sequence_log_probs(model, inputs, chunked)
+            return sequence_log_probs(model, inputs, chunked, pictures)
         except LogitTransformMismatch as e:
             logger.warning("the full logits score this model's answers, not the chunked head: %s", e)
             self.loss_impl = "plain"
-            return sequence_log_probs(model, inputs, chunked=False)
+            return sequence_log_probs(model, inputs, False, pictures)
 
-    def _reference_log_probs(self, model, inputs):
+    def _reference_log_probs(self, model, inputs, policy_pictures: list | None = None):
+        """The reference's forward of the batch, under no_grad. With a frozen vision side (tower and projector) its
+        picture features are the policy's, encoded once for both."""
+        reuse = policy_pictures is not None and self._vision_frozen(model)  # asked before the adapter is off
         with torch.no_grad(), self.reference.forward_of(model) as reference:
-            return sequence_log_probs(reference, inputs, self.loss_impl == "chunked")
+            pictures = [p.detach() for p in policy_pictures] if reuse else shared_pictures(reference, inputs)
+            return sequence_log_probs(reference, inputs, self.loss_impl == "chunked", pictures)
+
+    def _vision_frozen(self, model) -> bool:
+        if not hasattr(self, "_frozen_vision"):
+            from tuning.model import vision_parts
+
+            towers, projectors = vision_parts(_base_model(model))
+            prefixes = tuple(f"{p}." for p in (*towers, *projectors))
+            trained = [
+                n for n, p in _base_model(model).named_parameters() if p.requires_grad and n.startswith(prefixes)
+            ]
+            self._frozen_vision = bool(prefixes) and not trained
+        return self._frozen_vision
 
     def _store(self, metrics: dict, mode: str) -> None:
         """A metric is a value (averaged over the batches of a log) or a (sum, count) pair (summed, then divided)."""
@@ -383,8 +437,7 @@ class PreferenceLoss(StageLoss):
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in indices]))
-            with torch.no_grad(), self.reference.forward_of(model) as reference:
-                values, sequences, _ = sequence_log_probs(reference, inputs, self.loss_impl == "chunked")
+            values, sequences, _ = self._reference_log_probs(model, inputs)
             scores = scores_of(values, sequences, len(indices), self.preference.ld_alpha)
             found.update(zip(indices, zip(scores.chosen.tolist(), scores.rejected.tolist(), strict=True), strict=True))
         model.train(was_training)
@@ -399,9 +452,10 @@ class PreferenceLoss(StageLoss):
         """The batch's mean loss over pairs, and its metrics (TRL's names, means over the pairs)."""
         options = self.preference
         pairs = len(inputs["margin"])
-        values, sequences, means = self._log_probs(model, inputs)
+        pictures = shared_pictures(model, inputs)  # each pair's pictures through the tower once
+        values, sequences, means = self._log_probs(model, inputs, pictures)
         policy = scores_of(values, sequences, pairs, options.ld_alpha)
-        reference = self.reference_scores(model, inputs, policy) if options.needs_reference else None
+        reference = self.reference_scores(model, inputs, policy, pictures) if options.needs_reference else None
         result = preference_loss(options, policy, reference)
         loss = result.losses.mean()
         shown = policy.averaged() if options.pref_loss in REFERENCE_FREE else policy
@@ -427,14 +481,14 @@ class PreferenceLoss(StageLoss):
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
 
-    def reference_scores(self, model, inputs, policy: Scores) -> Scores:
+    def reference_scores(self, model, inputs, policy: Scores, pictures: list | None = None) -> Scores:
         """The reference's scores of the batch: precomputed in it, or by a forward under no_grad."""
         if "reference_log_probs" in inputs:
             found = inputs["reference_log_probs"].to(policy.chosen.device)
             return Scores(found[:, 0], found[:, 1], policy.chosen_tokens, policy.rejected_tokens)
         if self.reference.precompute:
             raise RuntimeError("the reference log-probabilities were to be precomputed, and this batch has none")
-        values, sequences, _ = self._reference_log_probs(model, inputs)
+        values, sequences, _ = self._reference_log_probs(model, inputs, pictures)
         return scores_of(values, sequences, len(policy.chosen), self.preference.ld_alpha)
 
 

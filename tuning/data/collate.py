@@ -153,6 +153,13 @@ class PairCollator:
         batch = self.inner(sequences)
         batch["sequence_index"] = sequence_index(batch["labels"], [len(s["input_ids"]) for s in sequences])
         batch["margin"] = torch.tensor([pair["margin"] for pair in pairs], dtype=torch.float32)
+        if pairs and all(pair.get("same_pictures") for pair in pairs):
+            # the chosen answers' pictures alone, for one pass of the tower a pair (tuning.preference.shared_pictures)
+            chosen = {"input_ids": batch["input_ids"]}
+            _stack_media([pair["chosen"] for pair in pairs], chosen, getattr(self.inner, "rows_per_sample", False))
+            chosen.pop("input_ids")
+            batch["pair_pictures"] = chosen
+            batch["pictures_per_pair"] = torch.tensor([pair["pictures"] for pair in pairs])
         if all("reference" in pair for pair in pairs):
             batch["reference_log_probs"] = torch.tensor([pair["reference"] for pair in pairs], dtype=torch.float32)
         return batch

@@ -133,6 +133,9 @@ class PreferencePairs(Dataset):
             "chosen": self.samples.features_of(chosen),
             "rejected": self.samples.features_of(rejected),
             "margin": float(chosen.preference.get("margin", 0.0)),
+            # both answers follow the same pictures (not ms-swift's rejected_images): the tower may see them once
+            "same_pictures": bool(chosen.images) and chosen.images == rejected.images and not chosen.videos,
+            "pictures": len(chosen.images),
         }
         if self.reference_log_probs is not None:
             item["reference"] = tuple(float(v) for v in self.reference_log_probs[index])
