@@ -95,10 +95,13 @@ PREFERENCE_DATA = [
 ]
 
 
-@pytest.mark.parametrize(("name", "flags"), PARITY, ids=[p[0] for p in PARITY])
+DPO_PARITY = [*PARITY, ("zero3", [*EXACT_LORA, "--deepspeed", "ds_config_zero3.json"])]
+
+
+@pytest.mark.parametrize(("name", "flags"), DPO_PARITY, ids=[p[0] for p in DPO_PARITY])
 def test_dpo_on_two_processes_matches_one_with_doubled_accumulation(tmp_path, tiny_text, name, flags):
     """DPO's loss and its metrics (means over pairs, gathered over the ranks) are a one-rank run's, LoRA's reference
-    being the model with its adapter off on each rank."""
+    being the model with its adapter off on each rank (under ZeRO-3 through the same engine, its weights gathered)."""
 
     def run(processes: int, out, *more: str) -> list[dict]:
         args = small_run_args(tiny_text, out, PREFERENCE_DATA, "--stage", "dpo", "--save_strategy", "no", *flags, *more)

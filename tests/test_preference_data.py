@@ -172,3 +172,19 @@ def test_a_pair_over_the_length_is_dropped_whole_with_both_lengths(text_processi
     )
     with pytest.raises(DataErrors, match="--overlong drop"):
         encoded_pairs(text_processing, "trl_conversational.jsonl", max_length=70, overlong="error")
+
+
+def test_the_check_command_shows_each_prompt_with_both_answers_marked(tiny_text):
+    from tests.helpers import run_module
+
+    data = FIXTURES / "trl_conversational.jsonl"
+    args = ["--stage", "dpo", "--data_path", str(data), "--model_name_or_path", str(tiny_text), "--show", "2"]
+    result = run_module("tuning.data", *args, "--dataset_cache_dir", "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "preference: pairs 3" in out
+    headers = [line for line in out.splitlines() if line.startswith("--- ")]
+    assert [h.split()[2] for h in headers] == ["chosen", "rejected", "chosen", "rejected"]
+    assert "[[A spider has eight legs.<|im_end|>]]" in out and "[[A spider has six legs.<|im_end|>]]" in out
+    refused = run_module("tuning.data", *args[2:], "--dataset_cache_dir", "none")  # the same data as SFT
+    assert refused.returncode == 1 and "--stage dpo" in refused.stdout + refused.stderr
