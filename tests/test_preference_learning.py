@@ -14,13 +14,9 @@ from tuning import recipe
 pytestmark = pytest.mark.slow
 
 
-def generate(task: str, out) -> None:
-    subprocess.run(
-        [PYTHON, "data/make_preferences.py", "--task", task, "--out", str(out)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+def generate(task: str, out, *flags: str) -> None:
+    command = [PYTHON, "data/make_preferences.py", "--task", task, "--out", str(out), *flags]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
 
 
 def phases(argv: list[str]):
@@ -116,3 +112,17 @@ def test_kto_learns_the_rule_from_unpaired_answers(tmp_path, tiny_text):
     recipe.run(trainer, None, [])
     assert held_out_accuracy(trainer, held_out) >= 0.9
     assert trainer.evaluate()["eval_rewards/margins"] > 0
+
+
+def test_a_reward_model_learns_the_rule_for_questions_never_seen(tmp_path, tiny_text):
+    """The reward is read at one token, the last, so the tiny model needs more of the same pairs than DPO does
+    (measured: 240 pairs gave 0.65 held out; 800 pairs at rank 64, 8 epochs 0.975 and 1.0 for seeds 1 and 7)."""
+    folder = tmp_path / "words"
+    generate("words", folder, "--train", "800")
+    flags = ["--stage", "rm", "--num_train_epochs", "8", "--per_device_train_batch_size", "16"]
+    flags += ["--lora_r", "64", "--lora_alpha", "128"]
+    _, _, trainer = phases([*argv(tiny_text, folder, tmp_path / "out")[2:], *flags])
+    assert trainer.evaluate()["eval_accuracy"] < 0.8  # a random score head
+    recipe.run(trainer, None, [])
+    after = trainer.evaluate()
+    assert after["eval_accuracy"] >= 0.9, after
