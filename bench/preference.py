@@ -34,10 +34,8 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -426,12 +424,7 @@ def prepare(args) -> dict:
 
 
 def run_in_child(mode: str, settings: dict) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        command = [sys.executable, __file__, "--child", mode, "--settings", json.dumps(settings)]
-        command += ["--result", result.name]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        subprocess.run(command, check=True, env=env, cwd=REPO)
-        return json.loads(Path(result.name).read_text())
+    return throughput.run_in_child(mode, settings, __file__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -692,19 +692,11 @@ def prepare(args) -> dict:
     }
 
 
-def run_in_child(mode: str, settings: dict) -> dict:
+def run_in_child(mode: str, settings: dict, script: str = __file__) -> dict:
+    """One mode in a fresh process of `script` (this bench, or another built on its helpers): its own peak memory."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        command = [
-            sys.executable,
-            __file__,
-            "--child",
-            mode,
-            "--settings",
-            json.dumps(settings),
-            "--result",
-            result.name,
-        ]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+        command = [sys.executable, script, "--child", mode, "--settings", json.dumps(settings), "--result", result.name]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         subprocess.run(command, check=True, env=env, cwd=REPO)
         return json.loads(Path(result.name).read_text())
 

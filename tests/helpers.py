@@ -220,3 +220,17 @@ class ImageServer(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def run_phases(argv: list[str]):
+    """finetune.py's phases up to its trainer, as finetune.train calls them: (arguments, datasets, trainer)."""
+    from finetune import parse_arguments
+    from tuning import recipe
+
+    args = parse_arguments(argv)
+    resume = recipe.start(args)
+    data = recipe.read_data(args)
+    processing = recipe.prepare_processing(args, data)
+    datasets = recipe.build_datasets(args, data, processing)
+    model = recipe.build_model(args, processing)
+    return args, datasets, recipe.build_trainer(args, processing, datasets, model, resume)

@@ -84,17 +84,10 @@ def test_cdpo_label_smoothing_is_the_flipped_label_mixture():
 
 
 def build(argv: list[str]):
-    """A run's phases up to its trainer, as finetune.train calls them."""
-    from finetune import parse_arguments
-    from tuning import recipe
+    """A run's trainer, built by finetune.py's phases."""
+    from tests.helpers import run_phases
 
-    args = parse_arguments(argv)
-    resume = recipe.start(args)
-    data = recipe.read_data(args)
-    processing = recipe.prepare_processing(args, data)
-    datasets = recipe.build_datasets(args, data, processing)
-    model = recipe.build_model(args, processing)
-    return recipe.build_trainer(args, processing, datasets, model, resume)
+    return run_phases(argv)[2]
 
 
 def dpo_argv(model: Path, data: Path, out: Path, *flags: str) -> list[str]:
@@ -127,32 +120,47 @@ def our_loss(trainer, inputs, **options) -> tuple[float, dict]:
     return loss.item(), {k: v.item() for k, v in metrics.items()}
 
 
+def trl_config(out: Path, batch: int) -> dict:
+    """TRL's config for a parity check on the CPU: fp32, no checkpointing, nothing cut."""
+    return dict(
+        output_dir=str(out), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=batch, max_length=None,
+    )  # fmt: skip
+
+
+def trl_trainer(trainer_class, config, model_path: Path, data: Path, model=None):
+    """A TRL trainer on the records of `data`, with the model of `model_path` (or `model`) in fp32."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    model = model or AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return trainer_class(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+
+
+def without_newline(trl, keys: tuple[str, ...]) -> None:
+    """TRL's answers without the newline after <|im_end|>, which our rule leaves to the next context."""
+    newline = trl.processing_class.convert_tokens_to_ids("Ċ")
+
+    def cut(example):
+        assert all(example[key][-1] == newline for key in keys)
+        return {key: example[key][:-1] for key in keys}
+
+    trl.train_dataset = trl.train_dataset.map(cut)
+
+
 @pytest.fixture(scope="module")
 def trl_and_ours(tiny_text, tmp_path_factory):
     """TRL 1.16's DPOTrainer and ours, full fine-tuning on the tiny Qwen2 (ChatML, a system prompt and history), the
     policies moved alike from their references. TRL's answers end with the newline after <|im_end|>, which our rule
     leaves to the next context (as in SFT): it is taken out of TRL's answers, so both score the same tokens."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     out = tmp_path_factory.mktemp("dpo")
     data = FIXTURES / "trl_conversational.jsonl"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
-    config = DPOConfig(
-        output_dir=str(out / "trl"), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=3, max_length=None, beta=0.1,
-    )  # fmt: skip
-    records = [json.loads(line) for line in data.read_text().splitlines()]
-    model = AutoModelForCausalLM.from_pretrained(tiny_text, dtype=torch.float32)
-    trl = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
-    newline = tokenizer.convert_tokens_to_ids("Ċ")
-
-    def without_newline(example):
-        assert example["chosen_ids"][-1] == newline and example["rejected_ids"][-1] == newline
-        return {"chosen_ids": example["chosen_ids"][:-1], "rejected_ids": example["rejected_ids"][:-1]}
-
-    trl.train_dataset = trl.train_dataset.map(without_newline)
+    trl = trl_trainer(DPOTrainer, DPOConfig(**trl_config(out / "trl", 3), beta=0.1), tiny_text, data)
+    without_newline(trl, ("chosen_ids", "rejected_ids"))
     ours = build(dpo_argv(tiny_text, data, out / "ours"))
     for trainer in (trl, ours):
         perturb(trainer.model)
@@ -308,26 +316,11 @@ def test_packed_and_padded_pairs_score_alike(tiny_text, tiny_vl, tmp_path, kind)
 def test_kto_loss_kl_and_rewards_equal_trl(tiny_text, tmp_path):
     """TRL's KTOTrainer and ours on the same four unpaired completions (one batch: the KL term pairs each prompt with
     the completion before it in both), policies moved alike; TRL's newline after <|im_end|> taken out as for DPO."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
     data = FIXTURES / "trl_unpaired_conversational.jsonl"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
-    config = KTOConfig(
-        output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=4, max_length=None, beta=0.1,
-    )  # fmt: skip
-    records = [json.loads(line) for line in data.read_text().splitlines()]
-    model = AutoModelForCausalLM.from_pretrained(tiny_text, dtype=torch.float32)
-    trl = KTOTrainer(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
-    newline = tokenizer.convert_tokens_to_ids("Ċ")
-
-    def without_newline(example):
-        assert example["completion_ids"][-1] == newline
-        return {key: example[key][:-1] for key in ("completion_ids", "KL_completion_ids")}
-
-    trl.train_dataset = trl.train_dataset.map(without_newline)
+    trl = trl_trainer(KTOTrainer, KTOConfig(**trl_config(tmp_path / "trl", 4), beta=0.1), tiny_text, data)
+    without_newline(trl, ("completion_ids", "KL_completion_ids"))
     flags = ["--stage", "kto", "--per_device_train_batch_size", "4"]
     ours = build([*dpo_argv(tiny_text, data, tmp_path / "ours")[2:], *flags])
     for trainer in (trl, ours):
@@ -354,21 +347,15 @@ def test_kto_loss_kl_and_rewards_equal_trl(tiny_text, tmp_path):
 def test_reward_loss_with_margins_equals_trl(tiny_text, tmp_path):
     """TRL's RewardTrainer and ours on the same sequence classifier and pairs (with a margin each): the same loss,
     accuracy and margin; both read the reward at the last token (the newline after <|im_end|> in ChatML)."""
-    from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     data = FIXTURES / "trl_reward_margin.jsonl"
     ours = build([*dpo_argv(tiny_text, data, tmp_path / "ours")[2:], "--stage", "rm", "--packing", "True"])
-    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
-    config = RewardConfig(
-        output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=3, max_length=None, center_rewards_coefficient=0.01,
-    )  # fmt: skip
-    records = [json.loads(line) for line in data.read_text().splitlines()]
     model = AutoModelForSequenceClassification.from_pretrained(tiny_text, num_labels=1, dtype=torch.float32)
     model.load_state_dict(ours.model.state_dict())  # the same random score head
-    trl = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    config = RewardConfig(**trl_config(tmp_path / "trl", 3), center_rewards_coefficient=0.01)
+    trl = trl_trainer(RewardTrainer, config, tiny_text, data, model)
     for trainer in (trl, ours):
         perturb(trainer.model)
     inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(3)]))

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import pytest
 
 from tests.conftest import PYTHON, REPO
+from tests.helpers import run_phases
 from tuning import recipe
 
 pytestmark = pytest.mark.slow
@@ -17,19 +18,6 @@ pytestmark = pytest.mark.slow
 def generate(task: str, out, *flags: str) -> None:
     command = [PYTHON, "data/make_preferences.py", "--task", task, "--out", str(out), *flags]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
-
-
-def phases(argv: list[str]):
-    """The run's phases as finetune.train calls them, keeping what the test evaluates with."""
-    from finetune import parse_arguments
-
-    args = parse_arguments(argv)
-    resume = recipe.start(args)
-    data = recipe.read_data(args)
-    processing = recipe.prepare_processing(args, data)
-    datasets = recipe.build_datasets(args, data, processing)
-    model = recipe.build_model(args, processing)
-    return args, datasets, recipe.build_trainer(args, processing, datasets, model, resume)
 
 
 def pairs_of(args, datasets, path):
@@ -53,7 +41,7 @@ def argv(model, folder, out, *flags: str) -> list[str]:
 def test_dpo_learns_a_rule_that_holds_for_questions_never_seen(tmp_path, tiny_text):
     folder = tmp_path / "words"
     generate("words", folder)
-    _, _, trainer = phases(
+    _, _, trainer = run_phases(
         argv(tiny_text, folder, tmp_path / "out", "--num_train_epochs", "3", "--per_device_train_batch_size", "8")
     )
     before = trainer.evaluate()
@@ -67,7 +55,7 @@ def test_dpo_learns_a_rule_that_holds_for_questions_never_seen(tmp_path, tiny_te
 def test_dpo_on_pictures_learns_from_the_pixels(tmp_path, tiny_vl):
     folder = tmp_path / "colours"
     generate("colours", folder)
-    args, datasets, trainer = phases(
+    args, datasets, trainer = run_phases(
         argv(tiny_vl, folder, tmp_path / "out", "--num_train_epochs", "2", "--per_device_train_batch_size", "4")
     )
     assert trainer.evaluate()["eval_rewards/accuracies"] == 0
@@ -106,7 +94,7 @@ def test_kto_learns_the_rule_from_unpaired_answers(tmp_path, tiny_text):
     generate("words", folder)
     flags = ["--stage", "kto", "--data_path", str(folder / "train_unpaired.jsonl"), "--num_train_epochs", "2"]
     flags += ["--per_device_train_batch_size", "8"]
-    args, datasets, trainer = phases([*argv(tiny_text, folder, tmp_path / "out")[2:], *flags])
+    args, datasets, trainer = run_phases([*argv(tiny_text, folder, tmp_path / "out")[2:], *flags])
     held_out = pairs_of(args, datasets, folder / "test.jsonl")
     assert held_out_accuracy(trainer, held_out) == 0
     recipe.run(trainer, None, [])
@@ -121,7 +109,7 @@ def test_a_reward_model_learns_the_rule_for_questions_never_seen(tmp_path, tiny_
     generate("words", folder, "--train", "800")
     flags = ["--stage", "rm", "--num_train_epochs", "8", "--per_device_train_batch_size", "16"]
     flags += ["--lora_r", "64", "--lora_alpha", "128"]
-    _, _, trainer = phases([*argv(tiny_text, folder, tmp_path / "out")[2:], *flags])
+    _, _, trainer = run_phases([*argv(tiny_text, folder, tmp_path / "out")[2:], *flags])
     assert trainer.evaluate()["eval_accuracy"] < 0.8  # a random score head
     recipe.run(trainer, None, [])
     after = trainer.evaluate()
