@@ -427,3 +427,21 @@ def test_a_pairs_pictures_go_through_the_tower_once(tiny_vl, tmp_path, projector
     alone = scores_of(values, sequences, len(inputs["margin"]))
     assert metrics["logps/chosen"].item() == pytest.approx(alone.chosen.mean().item(), abs=1e-4)
     assert metrics["logps/rejected"].item() == pytest.approx(alone.rejected.mean().item(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_an_moe_models_router_loss_trains_with_the_preference_loss(tmp_path):
+    """As TRL adds it: the router's load-balancing loss at --moe_aux_loss_coef (default: the config's), logged as
+    aux_loss."""
+    from tuning.tiny import ensure_tiny
+
+    flags = ["--use_lora", "True", "--lora_dropout", "0"]
+    trainer = build(dpo_argv(ensure_tiny("qwen3-moe"), FIXTURES / "trl_conversational.jsonl", tmp_path, *flags))
+    inputs = batch_of(trainer)
+    weight = trainer.router_loss_weight
+    assert weight
+    with_router, metrics = our_loss(trainer, inputs)
+    trainer.router_loss_weight = None
+    without, plain = our_loss(trainer, inputs)
+    assert "aux_loss" not in plain and metrics["aux_loss"] > 0
+    assert with_router == pytest.approx(without + weight * metrics["aux_loss"], abs=1e-6)

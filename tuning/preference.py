@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from tuning.data.encode import IGNORE_INDEX
-from tuning.loss import LogitTransformMismatch, token_log_probs, unsupported_reason
+from tuning.loss import LogitTransformMismatch, set_router_loss_weight, token_log_probs, unsupported_reason
 from tuning.trainer import LearningRatesByPart, LossScaleLog, NonFiniteGuard, TokenBudgetBatches
 
 logger = logging.getLogger(__name__)
@@ -215,12 +215,15 @@ PAIR_KEYS = ("margin", "reference_log_probs", "pair_pictures", "pictures_per_pai
 
 
 def sequence_log_probs(
-    model, inputs: dict, chunked: bool = True, pictures: list | None = None
+    model, inputs: dict, chunked: bool = True, pictures: list | None = None, router: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token log-probabilities of the supervised tokens, their sequence numbers, their mean logits) of one
     forward of the batch; chunked through the head where the model allows, else from its full logits. `pictures`:
-    every sequence's picture features, encoded already (shared_pictures), given to the model instead of pixels."""
+    every sequence's picture features, encoded already (shared_pictures), given to the model instead of pixels.
+    `router`: an MoE model is asked for its router's load-balancing loss, left in router["aux_loss"]."""
     inputs = dict(inputs)
+    if router is not None:
+        inputs["output_router_logits"] = True
     labels, index = inputs.pop("labels"), inputs.pop("sequence_index")
     for key in PAIR_KEYS:
         inputs.pop(key, None)
@@ -234,13 +237,22 @@ def sequence_log_probs(
     sequences = index[keep]
     if chunked and unsupported_reason(model) is None:
         with token_log_probs(model, labels) as kept:
-            carried = model(**inputs, logits_to_keep=kept).logits.reshape(-1)
+            outputs = model(**inputs, logits_to_keep=kept)
+        _router_loss(outputs, router)
+        carried = outputs.logits.reshape(-1)
         values, means = carried.float().split(len(carried) // 2)
         return values, sequences, means
-    logits = model(**inputs).logits[keep].float()  # (kept, vocab): the full logits, at the kept positions
+    outputs = model(**inputs)
+    _router_loss(outputs, router)
+    logits = outputs.logits[keep].float()  # (kept, vocab): the full logits, at the kept positions
     targets = labels[:, 1:][keep[:, :-1]]
     values = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     return values, sequences, logits.detach().mean(-1)
+
+
+def _router_loss(outputs, router: dict | None) -> None:
+    if router is not None and outputs.get("aux_loss") is not None:
+        router["aux_loss"] = outputs.aux_loss
 
 
 def shared_pictures(model, inputs: dict) -> list | None:
@@ -334,6 +346,8 @@ class StageLoss:
         self.stored_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if reference.model is not None and not reference.precompute:
             reference.model.to(self.args.device)
+        weight = getattr(self.args, "moe_aux_loss_coef", None)
+        self.router_loss_weight = set_router_loss_weight(self.model, weight) if self.model is not None else None
 
     def batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -350,14 +364,24 @@ class StageLoss:
         self._store(metrics, "eval")
         return loss.detach(), None, None
 
-    def _log_probs(self, model, inputs, pictures: list | None = None):
+    def _log_probs(self, model, inputs, pictures: list | None = None, router: dict | None = None):
+        """The policy's forward. An MoE model in training also gives its router's load-balancing loss, which the
+        stage adds at --moe_aux_loss_coef as TRL's trainers add it (`router`, filled)."""
         chunked = self.loss_impl == "chunked"
+        if router is not None and not (model.training and self.router_loss_weight is not None):
+            router = None
         try:
-            return sequence_log_probs(model, inputs, chunked, pictures)
+            return sequence_log_probs(model, inputs, chunked, pictures, router)
         except LogitTransformMismatch as e:
             logger.warning("the full logits score this model's answers, not the chunked head: %s", e)
             self.loss_impl = "plain"
-            return sequence_log_probs(model, inputs, False, pictures)
+            return sequence_log_probs(model, inputs, False, pictures, router)
+
+    def _with_router_loss(self, loss: torch.Tensor, router: dict, metrics: dict) -> torch.Tensor:
+        if "aux_loss" not in router:
+            return loss
+        metrics["aux_loss"] = router["aux_loss"].detach()
+        return loss + self.router_loss_weight * router["aux_loss"].to(loss.device)
 
     def _reference_log_probs(self, model, inputs, policy_pictures: list | None = None):
         """The reference's forward of the batch, under no_grad. With a frozen vision side (tower and projector) its
@@ -453,7 +477,8 @@ class PreferenceLoss(StageLoss):
         options = self.preference
         pairs = len(inputs["margin"])
         pictures = shared_pictures(model, inputs)  # each pair's pictures through the tower once
-        values, sequences, means = self._log_probs(model, inputs, pictures)
+        router: dict = {}
+        values, sequences, means = self._log_probs(model, inputs, pictures, router)
         policy = scores_of(values, sequences, pairs, options.ld_alpha)
         reference = self.reference_scores(model, inputs, policy, pictures) if options.needs_reference else None
         result = preference_loss(options, policy, reference)
@@ -479,7 +504,7 @@ class PreferenceLoss(StageLoss):
             nll = -values[chosen_tokens].sum() / chosen_tokens.sum().clamp(min=1)
             loss = loss + weight * nll
             metrics["nll_loss"] = nll.detach()
-        return loss, metrics
+        return self._with_router_loss(loss, router, metrics), metrics
 
     def reference_scores(self, model, inputs, policy: Scores, pictures: list | None = None) -> Scores:
         """The reference's scores of the batch: precomputed in it, or by a forward under no_grad."""
@@ -501,7 +526,8 @@ class KTOLoss(StageLoss):
         options, beta = self.preference, self.preference.pref_beta
         desirable = inputs["desirable"].bool()
         count = len(desirable)
-        values, sequences, means = self._log_probs(model, inputs)
+        router: dict = {}
+        values, sequences, means = self._log_probs(model, inputs, router=router)
         logps = per_sequence(values, sequences, count)
         reference_values, reference_sequences, _ = self._reference_log_probs(model, inputs)
         ratio = logps - per_sequence(reference_values, reference_sequences, count)
@@ -524,7 +550,7 @@ class KTOLoss(StageLoss):
             metrics[f"rewards/{name}"] = (rewards[rows].sum(), rows.sum())
             metrics[f"logps/{name}"] = (logps.detach()[rows].sum(), rows.sum())
             metrics[f"logits/{name}"] = (mean_logits[rows].sum(), tokens[rows].sum())
-        return losses.mean(), metrics
+        return self._with_router_loss(losses.mean(), router, metrics), metrics
 
     def logged_metrics(self, mode: str) -> dict:
         found = super().logged_metrics(mode)
