@@ -203,10 +203,10 @@ def stage_problems(data_args, training_args, lora_args, preference_args) -> list
                 "--stage kto needs --per_device_train_batch_size (and _eval_) of at least 2: its KL term pairs each "
                 "prompt with another completion of the batch"
             )
-        if preference_args.precompute_ref_log_probs or lora_args.lora_weight_path:
+        if preference_args.precompute_ref_log_probs:
             problems.append(
-                "--stage kto computes its reference live: --precompute_ref_log_probs and --lora_weight_path (whose "
-                "reference would be the adapter it starts from) are not built for it yet"
+                "--stage kto computes its reference live (its KL term pairs each batch's prompts with its other "
+                "answers): drop --precompute_ref_log_probs"
             )
         if preference_args.pref_loss != "sigmoid":
             problems.append("--pref_loss is for --stage dpo; KTO has its own loss")

@@ -445,3 +445,30 @@ def test_an_moe_models_router_loss_trains_with_the_preference_loss(tmp_path):
     without, plain = our_loss(trainer, inputs)
     assert "aux_loss" not in plain and metrics["aux_loss"] > 0
     assert with_router == pytest.approx(without + weight * metrics["aux_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_kto_continuing_from_an_adapter_keeps_it_as_the_reference(tiny_text, tmp_path):
+    from finetune import train
+    from tuning.preference import sequence_log_probs
+
+    start = build(dpo_argv(tiny_text, FIXTURES / "trl_conversational.jsonl", tmp_path / "start", "--use_lora", "True"))
+    perturb(start.model)  # an adapter that is not the base
+    start.model.save_pretrained(tmp_path / "adapter")
+    data = FIXTURES / "trl_unpaired_conversational.jsonl"
+    flags = ["--stage", "kto", "--per_device_train_batch_size", "4", "--use_lora", "True"]
+    flags += ["--lora_weight_path", str(tmp_path / "adapter"), "--max_steps", "2", "--learning_rate", "1e-2"]
+    trainer = train([*dpo_argv(tiny_text, data, tmp_path / "kto")[2:], *flags])
+    inputs = batch_of(trainer, range(4))
+    trainer.model.eval()
+    with torch.no_grad(), trainer.reference.forward_of(trainer.model) as reference:
+        values, _, _ = sequence_log_probs(reference, inputs)
+    kept = build([*dpo_argv(tiny_text, data, tmp_path / "again")[2:], *flags])  # the starting adapter, untrained
+    kept.model.eval()
+    with torch.no_grad():
+        expected, _, _ = sequence_log_probs(kept.model, inputs)
+    assert torch.allclose(values, expected, atol=1e-5)
+    with torch.no_grad():
+        trained, _, _ = sequence_log_probs(trainer.model, inputs)
+    assert not torch.allclose(trained, expected, atol=1e-3)  # the trained adapter moved; its reference did not
+    assert (tmp_path / "kto" / "adapter_model.safetensors").is_file() and not (tmp_path / "kto" / "reference").exists()

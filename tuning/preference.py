@@ -314,8 +314,9 @@ def scores_of(values: torch.Tensor, sequences: torch.Tensor, pairs: int, ld_alph
 class Reference:
     """Where the reference log-probabilities come from. `kind`: "adapter-off" (the policy with its adapter switched
     off: a fresh LoRA's base), "model" (a model of its own: a frozen copy, or --ref_model), "policy" (the policy as
-    it starts: the adapter a run continues from; precomputed by construction) or "none" (ORPO, SimPO). `precompute`:
-    computed for every pair before the first step, then read from the batch."""
+    it starts: the adapter a run continues from; precomputed by construction), "adapter" (that adapter again,
+    frozen beside the trained one, live: KTO) or "none" (ORPO, SimPO). `precompute`: computed for every pair before
+    the first step, then read from the batch."""
 
     def __init__(self, kind: str, model=None, precompute: bool = False):
         self.kind, self.model = kind, model
@@ -324,14 +325,34 @@ class Reference:
     @contextlib.contextmanager
     def forward_of(self, policy):
         """The module whose forward is the reference's."""
+        inner = getattr(policy, "module", policy)
         if self.kind == "adapter-off":
-            inner = getattr(policy, "module", policy)
             with inner.disable_adapter():
                 yield policy
+        elif self.kind == "adapter":  # the adapter the run started from, loaded again beside it, frozen
+            inner.set_adapter(REFERENCE_ADAPTER)
+            try:
+                yield policy
+            finally:
+                inner.set_adapter("default")  # which also leaves only the trained adapter requiring gradients
         elif self.kind == "model":
             yield self.model
         else:
             yield policy
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def with_reference_adapter(model, path: str):
+    """The starting adapter again, as a frozen adapter of its own beside the trained one (a live reference for a run
+    that continues from it); the model then saves the trained adapter alone."""
+    import functools
+
+    model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter("default")
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, selected_adapters=["default"])
+    return model
 
 
 class StageLoss:

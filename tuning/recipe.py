@@ -67,7 +67,14 @@ from tuning.model import (
     untrained_token_ids,
     vision_parts,
 )
-from tuning.preference import KTOTrainer, PreferenceTrainer, Reference, RewardTrainer, frozen_copy
+from tuning.preference import (
+    KTOTrainer,
+    PreferenceTrainer,
+    Reference,
+    RewardTrainer,
+    frozen_copy,
+    with_reference_adapter,
+)
 from tuning.runtime import (
     deepspeed_state_on_cpu,
     is_zero3,
@@ -423,7 +430,11 @@ def build_reference(args: RunArguments, model) -> Reference:
         return Reference("model", reference.eval(), precompute)
     if args.training.use_lora:
         # continuing from an adapter, the reference is that adapter as it starts, not the bare base (LLaMA-Factory
-        # #8974, ms-swift #8047: loss 0 and accuracy 1.0 from step 5); computed before the first step
+        # #8974, ms-swift #8047: loss 0 and accuracy 1.0 from step 5): computed before the first step, or (KTO,
+        # whose KL term pairs each batch's own prompts and answers) that adapter kept frozen beside the trained one
+        if args.lora.lora_weight_path and args.stage == "kto":
+            with_reference_adapter(model, args.lora.lora_weight_path)
+            return Reference("adapter")
         return Reference("policy" if args.lora.lora_weight_path else "adapter-off", precompute=precompute)
     if precompute:
         return Reference("policy", precompute=True)
@@ -434,6 +445,7 @@ def describe_reference(reference: Reference) -> str:
     what = {
         "adapter-off": "the model with its adapter switched off",
         "policy": "the model as it starts, computed before the first step",
+        "adapter": "the adapter the run starts from, kept frozen beside the trained one",
         "model": "a frozen model of its own",
         "none": "none",
     }[reference.kind]
