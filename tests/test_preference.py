@@ -472,3 +472,14 @@ def test_kto_continuing_from_an_adapter_keeps_it_as_the_reference(tiny_text, tmp
         trained, _, _ = sequence_log_probs(trainer.model, inputs)
     assert not torch.allclose(trained, expected, atol=1e-3)  # the trained adapter moved; its reference did not
     assert (tmp_path / "kto" / "adapter_model.safetensors").is_file() and not (tmp_path / "kto" / "reference").exists()
+
+
+@pytest.mark.slow
+def test_a_reference_model_of_its_own_reads_packed_rows_as_the_policy_does(tiny_text, tmp_path):
+    """--ref_model: loaded as the policy is (its attention per packed sample too), frozen; here the same weights, so
+    the loss starts at ln 2."""
+    flags = ["--use_lora", "True", "--ref_model", str(tiny_text)]
+    trainer = build(dpo_argv(tiny_text, FIXTURES / "trl_conversational.jsonl", tmp_path, *flags))
+    assert trainer.reference.kind == "model" and not any(p.requires_grad for p in trainer.reference.model.parameters())
+    loss, _ = our_loss(trainer, batch_of(trainer))
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
