@@ -27,7 +27,7 @@ from tuning.data.encode import Encoder
 from tuning.data.errors import DataError
 from tuning.data.media.images import ImageLoadError, load_image
 from tuning.data.media.resolution import MediaOptions, configure, pixels
-from tuning.data.processing import load_processing
+from tuning.data.processing import load_run_processing
 from tuning.families import DATA_TAGS, UnsupportedFamily, end_of_text, family_of, is_vision_language, require_support
 from tuning.model import LoadOptions, load_adapter, load_model, resize_for_tokenizer, set_use_cache
 
@@ -58,8 +58,7 @@ def load_for_chat(
 ):
     """(model, tokenizer, processor or None): the base, optionally quantized, with the adapter on top. Pictures
     and videos are resized as the model was trained (the options saved with it), else with the default budget."""
-    processing_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-    tokenizer, processor, family = load_processing(processing_source, config_from=model_path)
+    tokenizer, processor, family = load_run_processing(model_path, adapter)
     require_support(family)  # before any weight is read: a vision family without a record is refused by name
     if processor is not None:
         options = media or MediaOptions.saved_in(adapter, model_path) or MediaOptions()

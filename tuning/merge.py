@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tuning.data.media.resolution import SAVED_NAME
-from tuning.data.processing import load_processing
+from tuning.data.processing import load_run_processing
 from tuning.model import LoadOptions, is_gptq_checkpoint, load_adapter, load_model, resize_for_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ def merge(
         raise MergeError(f"{output} is not empty; pass --overwrite to replace it, or choose another --output")
 
     torch_dtype = DTYPES[dtype]
-    processing_owner = adapter if (adapter / "tokenizer_config.json").is_file() else base_model
-    tokenizer, processor, _ = load_processing(str(processing_owner), config_from=base_model)
+    tokenizer, processor, _ = load_run_processing(base_model, adapter)
     model = load_with_adapter(base_model, adapter, torch_dtype, tokenizer)
     inputs = probe_inputs(processor or tokenizer)
     before = logits_on(model, inputs) if verify else None

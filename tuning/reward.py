@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from tuning.data.encode import Encoder
+from tuning.data.errors import DataError
 from tuning.data.formats import iter_conversations, parse_record
-from tuning.data.processing import load_processing
+from tuning.data.processing import load_run_processing
 
 
 class RewardModel:
@@ -39,8 +40,7 @@ class RewardModel:
 
             self.model = load_adapter(self.model, adapter)
         self.model.eval()
-        source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-        loaded = load_processing(source, config_from=model_path)
+        loaded = load_run_processing(model_path, adapter)
         self.encoder = Encoder(loaded.tokenizer, loaded.processor, family=loaded.family, max_length=10**9)
 
     @torch.no_grad()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rewards.score(json.loads(args.messages)):.4f}")
         return 0
     for conv in iter_conversations([args.data], stage="rm"):
-        if not hasattr(conv, "side"):
+        if isinstance(conv, DataError):
             print(conv, file=sys.stderr)
             return 1
         pair = [rewards.score_ids(s.input_ids) for s in rewards.encoder.encode(conv)]

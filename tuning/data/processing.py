@@ -44,6 +44,13 @@ def load_processing(model_name_or_path: str, trust_remote_code: bool = False, co
     return Loaded(tokenizer, None, family_of(config))
 
 
+def load_run_processing(model_path: str, adapter: str | Path | None = None) -> Loaded:
+    """The tokenizer and processor a LoRA run saved beside its adapter (its chat template, the tokens it added),
+    else the base model's; the family is always the base model's."""
+    saved = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    return load_processing(str(adapter if saved else model_path), config_from=str(model_path))
+
+
 # llava-hf's LLaVA-NeXT Mistral template (llava-v1.6-mistral-7b-hf) closes each answer with the text '<\s>', a typo of
 # '</s>': trained as written, the model would learn to type it and never reach the end-of-sequence token that LLaVA's
 # own training put there.
