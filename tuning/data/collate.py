@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuning.data.encode import IGNORE_INDEX
+from tuning.data.encode import IGNORE_INDEX, first_supervised
 
 # what a sample's features hold besides its pictures' and videos' (which are whatever the processor returns)
 TEXT_KEYS = ("input_ids", "labels", "mm_token_type_ids", "second_per_grid_ts")
@@ -187,7 +187,7 @@ class UnpairedCollator:
 
 def _with_completion(prompt: dict, completion: dict) -> dict:
     """`prompt`'s context (and pictures) followed by `completion`'s answer."""
-    start, answer_start = _first_label(prompt["labels"]), _first_label(completion["labels"])
+    start, answer_start = first_supervised(prompt["labels"]), first_supervised(completion["labels"])
     answer = list(completion["input_ids"][answer_start:])
     out = {k: v for k, v in prompt.items() if k not in ("input_ids", "labels", TOKEN_TYPES)}
     out["input_ids"] = list(prompt["input_ids"][:start]) + answer
@@ -199,10 +199,6 @@ def _with_completion(prompt: dict, completion: dict) -> dict:
             rows = torch.as_tensor(out[key])[:, :start]
             out[key] = torch.cat([rows, rows[:, -1:].expand(-1, len(answer), *rows.shape[2:])], dim=1)
     return out
-
-
-def _first_label(labels) -> int:
-    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
 
 
 def sequence_index(labels: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -91,8 +91,12 @@ class EncodedDataset(Dataset):
 
     def features_of(self, sample: Sample) -> dict:
         """A sample's features, its pixel values computed now."""
+        return sample_to_features(sample, self.pixels_of(sample))
+
+    def pixels_of(self, sample: Sample, same_as: dict | None = None) -> dict:
+        """A sample's media features, its pixel values computed now (or `same_as`'s: Encoder.pixels)."""
         try:
-            return sample_to_features(sample, self.encoder.pixels(sample))
+            return self.encoder.pixels(sample, same_as)
         except DataError as e:
             # It passed validation before training, so a picture changed or went since: stop loudly.
             raise RuntimeError(f"sample {sample.id} failed when its pictures were read for training: {e}") from e
@@ -129,12 +133,15 @@ class PreferencePairs(Dataset):
         sides = (chosen.preference or {}).get("side"), (rejected.preference or {}).get("side")
         if sides != ("chosen", "rejected"):
             raise ValueError(f"samples {2 * index} and {2 * index + 1} are {sides}, not a chosen and a rejected answer")
+        # both answers follow the same pictures (not ms-swift's rejected_images): computed once, and the tower may
+        # see them once (tuning.preference.shared_pictures)
+        same = chosen.images == rejected.images and chosen.videos == rejected.videos
+        pixels = self.samples.pixels_of(chosen)
         item = {
-            "chosen": self.samples.features_of(chosen),
-            "rejected": self.samples.features_of(rejected),
+            "chosen": sample_to_features(chosen, pixels),
+            "rejected": sample_to_features(rejected, self.samples.pixels_of(rejected, pixels if same else None)),
             "margin": float(chosen.preference.get("margin", 0.0)),
-            # both answers follow the same pictures (not ms-swift's rejected_images): the tower may see them once
-            "same_pictures": bool(chosen.images) and chosen.images == rejected.images and not chosen.videos,
+            "same_pictures": same and bool(chosen.images) and not chosen.videos,
             "pictures": len(chosen.images),
         }
         if self.reference_log_probs is not None:

@@ -194,15 +194,19 @@ class Encoder:
                 dropped.append(e)
         return samples, dropped
 
-    def pixels(self, sample: Sample) -> dict:
-        """The sample's media features with pixel values, computed now from its pictures and videos."""
+    def pixels(self, sample: Sample, same_as: dict | None = None) -> dict:
+        """The sample's media features with pixel values, computed now from its pictures and videos; `same_as`:
+        those of a sample that shows the very same ones (the other answer of a pair), taken instead."""
         if not (sample.images or sample.videos):
             return dict(sample.media)
-        tokens = sum(1 for t in self.token_types(sample.input_ids) if t)
-        try:
-            computed = self.media.pixels(sample.images, sample.videos, sample.media, tokens)
-        except (ImageLoadError, ValueError, RuntimeError) as e:
-            raise DataError(*sample.origin, str(e)) from None
+        if same_as is not None:
+            computed = same_as
+        else:
+            tokens = sum(1 for t in self.token_types(sample.input_ids) if t)
+            try:
+                computed = self.media.pixels(sample.images, sample.videos, sample.media, tokens)
+            except (ImageLoadError, ValueError, RuntimeError) as e:
+                raise DataError(*sample.origin, str(e)) from None
         features = {**computed, **sample.media}  # as encoded where both hold a key (the grids are checked equal)
         return self._with_cross_attention(features, sample.input_ids)
 
@@ -258,8 +262,17 @@ class Encoder:
         """A pair as two samples, chosen then rejected (an unpaired record as one): each the prompt exactly as at
         inference and its completion's answers supervised, as SFT supervises a turn. The two share the prompt's
         ids, and neither is ever cut: a pair that does not fit is dropped or refused whole (--overlong)."""
-        sides = ["chosen", "rejected"] if conv.kind == "pair" else ["completion"]
-        samples = [self._side_sample(conv, side) for side in sides]
+        if conv.kind == "pair":
+            chosen, rejected = conv.side(False), conv.side(True)
+            media = self.media.plan(chosen)  # each picture read once where both sides show the same ones
+            same = _media_parts(chosen) == _media_parts(rejected)
+            samples = [
+                self._side_sample(chosen, "chosen", media),
+                self._side_sample(rejected, "rejected", media if same else self.media.plan(rejected)),
+            ]
+        else:
+            shown = conv.side(False)
+            samples = [self._side_sample(shown, "completion", self.media.plan(shown))]
         longest = max(len(s.input_ids) for s in samples)
         if longest > self.max_length:
             lengths = ", ".join(f"{s.preference['side']} {len(s.input_ids)}" for s in samples)
@@ -274,17 +287,16 @@ class Encoder:
             sample.preference.update({"margin": conv.margin} if conv.margin is not None else {})
         return samples
 
-    def _side_sample(self, conv: Conversation, side: str) -> Sample:
-        shown = conv.side(side == "rejected")
-        media = self.media.plan(shown)
+    def _side_sample(self, shown: Conversation, side: str, media) -> Sample:
+        """One side of a pair (or an unpaired completion), `shown` as a conversation of its own with its media."""
         messages = self._template_messages(shown, media.original_sizes, self.media.resized_sizes(media))
-        trained = [i for i in range(conv.prompt_length, len(messages)) if messages[i]["role"] == "assistant"]
+        trained = [i for i in range(shown.prompt_length, len(messages)) if messages[i]["role"] == "assistant"]
         try:
-            rendered = self.template.samples(messages, trained, tools=conv.tools, add_vision_id=conv.add_vision_id)
+            rendered = self.template.samples(messages, trained, tools=shown.tools, add_vision_id=shown.add_vision_id)
         except TemplateError as e:
-            raise conv.error(e.problem, e.fix, e.message_index, side) from None
+            raise shown.error(e.problem, e.fix, e.message_index, side) from None
         if len(rendered) != 1:
-            raise conv.error(
+            raise shown.error(
                 f"{self.template.described} rewrites the earlier turns of this {side} completion when it renders "
                 "the later ones, so the completion is no single sequence to score",
                 "give completions of one assistant answer (or answers the template renders in place)",
@@ -292,7 +304,7 @@ class Encoder:
             )
         images, videos = len(media.images), len(media.videos)
         tokens = self._tokenize(shown, rendered[0], media.image_texts, media.video_texts)
-        sample = Sample(conv.id, tokens.ids, tokens.labels, media.first(images, videos), preference={"side": side})
+        sample = Sample(shown.id, tokens.ids, tokens.labels, media.first(images, videos), preference={"side": side})
         sample = _with_refs(sample, media, shown, images, videos)
         if sample.num_images or sample.num_videos:
             sample.mm_token_type_ids = self.token_types(sample.input_ids)
@@ -304,7 +316,7 @@ class Encoder:
         differ by design."""
         if chosen.images != rejected.images or chosen.videos != rejected.videos:
             return
-        starts = [next(i for i, label in enumerate(s.labels) if label != IGNORE_INDEX) for s in (chosen, rejected)]
+        starts = [first_supervised(s.labels) for s in (chosen, rejected)]
         if starts[0] != starts[1] or chosen.input_ids[: starts[0]] != rejected.input_ids[: starts[1]]:
             raise conv.error(
                 f"{self.template.described} renders the prompt differently before the chosen and the rejected "
@@ -548,6 +560,15 @@ def _with_refs(sample: Sample, media, conv: Conversation, images: int, videos: i
     sample.images, sample.videos = media.images[:images], media.videos[:videos]
     sample.origin = (conv.file, conv.where)
     return sample
+
+
+def first_supervised(labels) -> int:
+    """The index of a sample's first supervised token: where its prompt ends."""
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
+def _media_parts(conv: Conversation) -> list:
+    return [part for message in conv.messages for part in message.media]
 
 
 def _count(text: str, token: str | None) -> int:
