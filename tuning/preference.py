@@ -286,15 +286,15 @@ def per_sequence(values: torch.Tensor, sequences: torch.Tensor, count: int) -> t
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, sequences, values)
 
 
-def length_desensitised(values: torch.Tensor, sequences: torch.Tensor, pairs: int, alpha: float) -> torch.Tensor:
-    """LD-DPO (TRL's ld_alpha): each answer's tokens past the shorter answer's length of its pair weigh `alpha`."""
-    counts = per_sequence(torch.ones_like(values), sequences, 2 * pairs)
+def length_desensitised(values: torch.Tensor, sequences: torch.Tensor, counts: torch.Tensor, alpha: float):
+    """LD-DPO (TRL's ld_alpha): each answer's tokens past the shorter answer's length of its pair weigh `alpha`;
+    `counts`: each sequence's supervised tokens (chosen, rejected, chosen, ...)."""
     shorter = torch.minimum(counts[0::2], counts[1::2]).repeat_interleave(2)
     # the position of each token within its sequence's supervised tokens (tokens come in sequence order)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(len(values), device=values.device) - starts[sequences].long()
     weights = torch.where(position < shorter[sequences], 1.0, alpha)
-    return per_sequence(values * weights, sequences, 2 * pairs)
+    return per_sequence(values * weights, sequences, len(counts))
 
 
 def scores_of(values: torch.Tensor, sequences: torch.Tensor, pairs: int, ld_alpha: float | None = None) -> Scores:
@@ -302,7 +302,7 @@ def scores_of(values: torch.Tensor, sequences: torch.Tensor, pairs: int, ld_alph
     `ld_alpha`), and the token counts."""
     counts = per_sequence(torch.ones_like(values), sequences, 2 * pairs)
     if ld_alpha is not None:
-        sums = length_desensitised(values, sequences, pairs, ld_alpha)
+        sums = length_desensitised(values, sequences, counts, ld_alpha)
     else:
         sums = per_sequence(values, sequences, 2 * pairs)
     return Scores(sums[0::2], sums[1::2], counts[0::2], counts[1::2])
@@ -505,7 +505,6 @@ class PreferenceLoss(StageLoss):
         result = preference_loss(options, policy, reference)
         loss = result.losses.mean()
         shown = policy.averaged() if options.pref_loss in REFERENCE_FREE else policy
-        tokens = per_sequence(torch.ones_like(means), sequences, 2 * pairs)
         mean_logits = per_sequence(means, sequences, 2 * pairs)  # TRL's logits/*: token-weighted
         metrics = {
             "rewards/chosen": result.chosen_rewards.mean(),
@@ -514,8 +513,8 @@ class PreferenceLoss(StageLoss):
             "rewards/margins": (result.chosen_rewards - result.rejected_rewards).mean(),
             "logps/chosen": shown.chosen.detach().mean(),
             "logps/rejected": shown.rejected.detach().mean(),
-            "logits/chosen": mean_logits[0::2].sum() / tokens[0::2].sum().clamp(min=1),
-            "logits/rejected": mean_logits[1::2].sum() / tokens[1::2].sum().clamp(min=1),
+            "logits/chosen": mean_logits[0::2].sum() / policy.chosen_tokens.sum().clamp(min=1),
+            "logits/rejected": mean_logits[1::2].sum() / policy.rejected_tokens.sum().clamp(min=1),
             **result.metrics,
         }
         weight = 1.0 if options.pref_loss == "orpo" else options.pref_ftx
@@ -554,7 +553,7 @@ class KTOLoss(StageLoss):
         ratio = logps - per_sequence(reference_values, reference_sequences, count)
         kl_inputs = inputs["kl"]
         with torch.no_grad():
-            kl_values, kl_sequences, _ = sequence_log_probs(model, kl_inputs, self.loss_impl == "chunked")
+            kl_values, kl_sequences, _ = self._log_probs(model, kl_inputs)
             kl_reference, kl_reference_sequences, _ = self._reference_log_probs(model, kl_inputs)
             kl_logps = per_sequence(kl_values, kl_sequences, count)
             kl = (kl_logps - per_sequence(kl_reference, kl_reference_sequences, count)).mean()

@@ -287,12 +287,19 @@ def build_datasets(args: RunArguments, data: DataRead, processing: Processing) -
     return datasets
 
 
+# what each preference stage trains: its items (over the encoded samples), their collator (over the SFT one), its
+# trainer; SFT and pt train the samples one by one
+PREFERENCE_STAGES = {
+    "dpo": (PreferencePairs, PairCollator, PreferenceTrainer),
+    "kto": (UnpairedExamples, UnpairedCollator, KTOTrainer),
+    "rm": (PreferencePairs, PairCollator, RewardTrainer),
+}
+
+
 def _as_stage(args: RunArguments, samples):
-    """The encoded samples as the stage trains them: one by one (SFT), as chosen and rejected pairs (DPO), or as
-    completions with a desirable label (KTO)."""
-    return {"dpo": PreferencePairs, "rm": PreferencePairs, "kto": UnpairedExamples}.get(args.stage, lambda x: x)(
-        samples
-    )
+    """The encoded samples as the stage trains them: one by one (SFT), as chosen and rejected pairs (DPO, reward
+    models), or as completions with a desirable label (KTO)."""
+    return PREFERENCE_STAGES[args.stage][0](samples) if args.stage in PREFERENCE_STAGES else samples
 
 
 def _encoded(args: RunArguments, data: DataRead, read: ReadData, encoder: Encoder, skip_bad_samples: bool):
@@ -376,7 +383,7 @@ def lora_options(args: RunArguments) -> LoraOptions:
 def build_trainer(
     args: RunArguments, processing: Processing, datasets: Datasets, model, resume: str | None, callbacks=()
 ) -> SupervisedTrainer | PreferenceTrainer:
-    """The stage's trainer (SFT, or the preference trainer of --stage dpo) on the same parts, collator and
+    """The stage's trainer (SFT, or a preference stage's: PREFERENCE_STAGES) on the same parts, collator and
     callbacks."""
     training = args.training
     family = family_of(model.config)
@@ -397,24 +404,19 @@ def build_trainer(
         loss_impl=training.loss_impl,
         max_tokens_per_batch=args.data.max_tokens_per_batch,
     )
-    if args.stage == "rm":
-        reference = Reference("none")
-        return RewardTrainer(
-            **common, data_collator=PairCollator(collator), preference=args.preference, reference=reference
-        )
-    if args.stage in ("dpo", "kto"):
-        reference = build_reference(args, model)
-        loss = args.preference.pref_loss if args.stage == "dpo" else "kto"
-        logger.info("preference: %s, reference: %s", loss, describe_reference(reference))
-        trainer, wrap = (PreferenceTrainer, PairCollator) if args.stage == "dpo" else (KTOTrainer, UnpairedCollator)
-        return trainer(**common, data_collator=wrap(collator), preference=args.preference, reference=reference)
-    return SupervisedTrainer(**common, data_collator=collator)
+    if args.stage not in PREFERENCE_STAGES:
+        return SupervisedTrainer(**common, data_collator=collator)
+    _, wrap, trainer = PREFERENCE_STAGES[args.stage]
+    reference = build_reference(args, model)
+    loss = args.preference.pref_loss if args.stage == "dpo" else args.stage
+    logger.info("preference: %s, reference: %s", loss, describe_reference(reference))
+    return trainer(**common, data_collator=wrap(collator), preference=args.preference, reference=reference)
 
 
 def build_reference(args: RunArguments, model) -> Reference:
     """The reference the preference loss compares with: the starting weights, by construction."""
     preference, precompute = args.preference, args.preference.precompute_ref_log_probs
-    if args.stage == "dpo" and not preference.needs_reference:
+    if args.stage == "rm" or (args.stage == "dpo" and not preference.needs_reference):
         return Reference("none")
     if preference.ref_model:
         options = LoadOptions(
