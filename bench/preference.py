@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import itertools
 import json
 import math
 import random
@@ -282,9 +281,7 @@ def summarize(runs: list[dict]) -> dict:
     return {**runs[0], **{key: statistics.median(r[key] for r in runs) for key in MEASURES}, "runs": runs}
 
 
-def rate(result: dict) -> float:
-    """Real (not padding) tokens per second of one measured run."""
-    return result["real_tokens"] / result["seconds"]
+rate = throughput.rate  # real (not padding) tokens per second of one measured run
 
 
 def median_ratio(result: dict, reference: dict, measure) -> float:
@@ -423,10 +420,6 @@ def prepare(args) -> dict:
     }
 
 
-def run_in_child(mode: str, settings: dict) -> dict:
-    return throughput.run_in_child(mode, settings, __file__)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs_per_step", type=int, default=2, help="pairs per optimizer step, in every mode")
@@ -440,13 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, in turn: medians and ranges")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, 4 pairs, 2 steps: does every mode run?")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table goes")
-    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--settings", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    throughput.add_child_arguments(parser, MODES)
     args = parser.parse_args(argv)
 
-    if args.child:
-        Path(args.result).write_text(json.dumps(run_mode(args.child, json.loads(args.settings))))
+    if throughput.answered_as_child(args, run_mode):
         return 0
     if args.smoke:
         args.pairs_per_step, args.steps, args.warmup, args.max_length = 2, 1, 1, 512
@@ -456,10 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs < needed:
         parser.error(f"--pairs {args.pairs}: the steps take {needed} pairs")
     settings = prepare(args)
-    runs = {mode: [] for mode in MODES}
-    for _, mode in itertools.product(range(args.repeats), MODES):  # in turn, so that a slow spell hits every mode
-        runs[mode].append(run_in_child(mode, settings))
-        print(f"{mode}: {rate(runs[mode][-1]):,.0f} real tokens/s", file=sys.stderr)
+    runs = throughput.runs_in_turn(MODES, args.repeats, settings, __file__)
     results = {mode: summarize(runs[mode]) for mode in MODES}
     text = table(results, settings)
     print(text)

@@ -692,6 +692,30 @@ def prepare(args) -> dict:
     }
 
 
+def add_child_arguments(parser: argparse.ArgumentParser, modes) -> None:
+    """The hidden flags by which a bench runs one of its modes in a process of its own (run_in_child)."""
+    parser.add_argument("--child", choices=modes, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def answered_as_child(args, run_mode) -> bool:
+    """In a child process: run its mode and write the result where the parent reads it."""
+    if not args.child:
+        return False
+    Path(args.result).write_text(json.dumps(run_mode(args.child, json.loads(args.settings))))
+    return True
+
+
+def runs_in_turn(modes, repeats: int, settings: dict, script: str = __file__) -> dict[str, list[dict]]:
+    """Every mode `repeats` times, each run a fresh process; in turn, so that a slow spell hits every mode."""
+    runs = {mode: [] for mode in modes}
+    for _, mode in itertools.product(range(repeats), modes):
+        runs[mode].append(run_in_child(mode, settings, script))
+        print(f"{mode}: {rate(runs[mode][-1]):,.0f} real tokens/s", file=sys.stderr)
+    return runs
+
+
 def run_in_child(mode: str, settings: dict, script: str = __file__) -> dict:
     """One mode in a fresh process of `script` (this bench, or another built on its helpers): its own peak memory."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
@@ -726,13 +750,10 @@ def main(argv: list[str] | None = None) -> int:
         default="true",
         help="with --vocab real: on is the default of both toolkits (and TRL's lowest-memory setting)",
     )
-    parser.add_argument("--child", choices=sorted({*MODES, *REAL_MODES, *LIGER_MODES}), help=argparse.SUPPRESS)
-    parser.add_argument("--settings", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_child_arguments(parser, sorted({*MODES, *REAL_MODES, *LIGER_MODES}))
     args = parser.parse_args(argv)
 
-    if args.child:
-        Path(args.result).write_text(json.dumps(run_mode(args.child, json.loads(args.settings))))
+    if answered_as_child(args, run_mode):
         return 0
     if args.smoke:
         args.batch, args.steps, args.samples, args.max_length = 4, 1, 32, 256
@@ -742,10 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = prepare(args)
     matmul = matmul_flops_per_second()
     modes = real_modes(settings["cuda"]) if args.vocab == "real" else MODES
-    runs = {mode: [] for mode in modes}
-    for _, mode in itertools.product(range(args.repeats), modes):  # in turn, so that a slow spell hits every mode
-        runs[mode].append(run_in_child(mode, settings))
-        print(f"{mode}: {rate(runs[mode][-1]):,.0f} real tokens/s", file=sys.stderr)
+    runs = runs_in_turn(modes, args.repeats, settings)
     results = {mode: summarize(runs[mode]) for mode in modes}
     if args.vocab == "real" and not settings["cuda"]:  # the tensor memory of one step, profiled apart
         for mode in modes:

@@ -171,8 +171,13 @@ def trl_loss(trl, loss_type: str, **options) -> tuple[float, dict]:
     trl.loss_types, trl.loss_weights = [loss_type], [1.0]
     for name, value in options.items():
         setattr(trl, name, value)
-    inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(3)]))
-    trl.model.train()
+    return trl_step(trl, 3)
+
+
+def trl_step(trl, count: int) -> tuple[float, dict]:
+    """A TRL trainer's loss and logged metrics on its first `count` items, without training."""
+    inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(count)]))
+    trl.model.train()  # TRL files the metrics of a model in training mode under "train"
     trl._metrics["train"].clear()
     with torch.no_grad():
         loss = trl.compute_loss(trl.model, inputs)
@@ -325,11 +330,7 @@ def test_kto_loss_kl_and_rewards_equal_trl(tiny_text, tmp_path):
     ours = build([*dpo_argv(tiny_text, data, tmp_path / "ours")[2:], *flags])
     for trainer in (trl, ours):
         perturb(trainer.model)
-    inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(4)]))
-    trl.model.train()
-    with torch.no_grad():
-        expected = trl.compute_loss(trl.model, inputs).item()
-    trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
+    expected, trl_metrics = trl_step(trl, 4)
     ours.model.train()
     with torch.no_grad():
         loss, metrics = ours.batch_loss(ours.model, batch_of(ours, range(4)))
@@ -358,11 +359,7 @@ def test_reward_loss_with_margins_equals_trl(tiny_text, tmp_path):
     trl = trl_trainer(RewardTrainer, config, tiny_text, data, model)
     for trainer in (trl, ours):
         perturb(trainer.model)
-    inputs = trl._prepare_inputs(trl.data_collator([trl.train_dataset[i] for i in range(3)]))
-    trl.model.train()
-    with torch.no_grad():
-        expected = trl.compute_loss(trl.model, inputs).item()
-    trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
+    expected, trl_metrics = trl_step(trl, 3)
     loss, metrics = our_loss(ours, batch_of(ours), center_rewards_coefficient=0.01)
     assert loss == pytest.approx(expected, abs=1e-5)
     for key in ("accuracy", "margin", "mean_reward"):
